@@ -1,0 +1,1 @@
+"""ONNX and TorchScript exporters for reduced-token models."""

@@ -1,0 +1,135 @@
+"""Reduced forward for Hugging Face ViLT: ViltModel, ViltForQuestionAnswering and
+ViltForImageAndTextRetrieval, with PuMer (prune + modality-aware merge), merge-only and
+prune-only plans.
+
+The image embedding is computed here, from the model's own modules, because transformers'
+version shuffles the patch order at random (a multinomial draw), which would make bipartite
+matching non-deterministic. Patches stay in raster order; the results equal transformers' up to
+float rounding (ViLT is invariant to the order of its image tokens). Every image of a batch must
+have the same valid size (the service resizes all images to one size); when an image has more
+patches than config.max_image_length, an evenly spaced subset is kept where transformers draws a
+random one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.encoder import Block, initial_tokens, run_encoder
+from models.families.base import ReducedOutput, ReducibleModel, linears
+from models.plan import NO_REDUCTION, VILT_METHODS, ReductionPlan
+from models.reducers import vilt_count, vilt_reducer
+
+SUPPORTED = ("ViltModel", "ViltForQuestionAnswering", "ViltForImageAndTextRetrieval")
+
+
+def _vilt_block(layer: nn.Module, heads: int) -> Block:
+    a = layer.attention.attention
+
+    def mlp(h: torch.Tensor) -> torch.Tensor:
+        return layer.output.dense(layer.intermediate(h))
+
+    return Block(
+        layer.layernorm_before, a.query, a.key, a.value, layer.attention.output.dense,
+        layer.layernorm_after, mlp, (layer.intermediate.dense, layer.output.dense), heads,
+    )  # fmt: skip
+
+
+class ViltTransformer(ReducibleModel):
+    family = "vilt"
+    methods = VILT_METHODS
+
+    def __init__(self, model: nn.Module):
+        name = type(model).__name__
+        if name not in SUPPORTED:
+            raise TypeError(f"{name} is not a supported ViLT model ({SUPPORTED})")
+        self.kind = name
+        self.base = model if name == "ViltModel" else model.vilt
+        heads = self.base.config.num_attention_heads
+        super().__init__(model, [_vilt_block(layer, heads) for layer in self.base.encoder.layer])
+
+    def nominal_tokens(self) -> tuple[int, int]:
+        cfg = self.base.config
+        return cfg.max_position_embeddings, (cfg.image_size // cfg.patch_size) ** 2 + 1
+
+    def schedule(self, plan: ReductionPlan, n_text: int, n_image: int) -> list[tuple[int, int]]:
+        counts = [(n_text, n_image)]
+        for i in range(self.num_layers):
+            n_text, n_image = vilt_count(plan.spec(i), n_text, n_image)
+            counts.append((n_text, n_image))
+        return counts
+
+    def embed_image(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
+        emb = self.base.embeddings
+        cfg = self.base.config
+        patches = emb.patch_embeddings(pixel_values)  # (B, D, h, w)
+        b, d, h, w = patches.shape
+        valid_h, valid_w = h, w
+        if pixel_mask is not None:
+            mask = nn.functional.interpolate(pixel_mask[:, None].float(), size=(h, w)).long()[:, 0]
+            rows, cols = mask[:, :, 0].sum(dim=1), mask[:, 0, :].sum(dim=1)
+            if not (bool((rows == rows[0]).all()) and bool((cols == cols[0]).all())):
+                raise ValueError("all images in a batch must have the same size; resize them to one size")
+            valid_h, valid_w = int(rows[0]), int(cols[0])
+        grid = cfg.image_size // cfg.patch_size
+        spatial = emb.position_embeddings[:, 1:].transpose(1, 2).reshape(1, d, grid, grid)
+        pos = nn.functional.interpolate(spatial, size=(valid_h, valid_w), mode="bilinear", align_corners=True)
+        x = (patches[:, :, :valid_h, :valid_w] + pos).flatten(2).transpose(1, 2)
+        limit = cfg.max_image_length
+        if isinstance(limit, int) and 0 < limit < x.shape[1]:
+            keep = torch.linspace(0, x.shape[1] - 1, limit, device=x.device).round().long()
+            x = x[:, keep]
+        cls = (emb.cls_token + emb.position_embeddings[:, :1]).expand(b, -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def embed(self, input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask, image_token_type_idx):
+        emb = self.base.embeddings
+        text = emb.text_embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        text = text + emb.token_type_embeddings(torch.zeros_like(input_ids))
+        pixel_values = pixel_values.to(self.parameters_dtype())
+        image = self.embed_image(pixel_values, pixel_mask)
+        image_types = torch.full(image.shape[:2], image_token_type_idx, dtype=torch.long, device=image.device)
+        image = image + emb.token_type_embeddings(image_types)
+        return torch.cat([text, image], dim=1)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        plan: ReductionPlan = NO_REDUCTION,
+        track_source: bool = False,
+        image_token_type_idx: int = 1,
+    ) -> ReducedOutput:
+        self.check_plan(plan)
+        if input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError("input_ids and pixel_values must have the same batch size")
+        x = self.embed(input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask, image_token_type_idx)
+        n_text = input_ids.shape[1]
+        valid = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            image_valid = torch.ones(x.shape[0], x.shape[1] - n_text, dtype=torch.bool, device=x.device)
+            valid = torch.cat([attention_mask.bool(), image_valid], dim=1)
+        tokens = initial_tokens(x, valid=valid, n_text=n_text, track_source=track_source)
+        tokens, counts = run_encoder(self.blocks, tokens, plan, vilt_reducer)
+
+        seq = self.base.layernorm(tokens.x)
+        pooled = self.base.pooler(seq) if self.base.pooler is not None else None
+        logits = None
+        if self.kind == "ViltForQuestionAnswering":
+            logits = self.model.classifier(pooled)
+        elif self.kind == "ViltForImageAndTextRetrieval":
+            logits = self.model.rank_output(pooled)
+        text_valid = tokens.valid[:, : tokens.n_text] if tokens.valid is not None else None
+        return ReducedOutput(
+            last_hidden_state=seq,
+            sizes=tokens.size,
+            trace=self.make_trace(plan, counts),
+            pooler_output=pooled,
+            logits=logits,
+            sources=tokens.source,
+            text_valid=text_valid,
+        )

@@ -1,0 +1,93 @@
+"""ReductionPlan: an immutable, hashable description of what one forward call removes.
+
+A plan is an argument of the forward call, never state on the model, so concurrent calls with
+different plans can share one set of weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# Methods and the model families they apply to.
+VIT_METHODS = ("tome", "tcvit", "evit")
+VILT_METHODS = ("pumer", "tome", "prune")
+METHODS = ("none", *sorted(set(VIT_METHODS + VILT_METHODS)))
+LEVELS = ("none", "low", "medium", "high")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one encoder layer does between its attention and its MLP.
+
+    Vision transformers: `r` tokens removed (ToMe merges, TC-ViT condenses) or EViT `keep_rate`.
+    ViLT (PuMer family): fractions of the tokens entering the layer; `prune` and `merge_image` of
+    the image tokens, `merge_text` of the text tokens.
+    """
+
+    r: int = 0
+    keep_rate: float = 1.0
+    prune: float = 0.0
+    merge_image: float = 0.0
+    merge_text: float = 0.0
+
+    @property
+    def is_identity(self) -> bool:
+        return (
+            self.r <= 0
+            and self.keep_rate >= 1.0
+            and self.prune <= 0
+            and self.merge_image <= 0
+            and self.merge_text <= 0
+        )
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v != LayerSpec.__dataclass_fields__[k].default}
+
+
+IDENTITY = LayerSpec()
+
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """method + one LayerSpec per encoder layer (+ the level it came from, for reporting).
+
+    proportional_attention: add log(size) of each key to the attention logits (ToMe).
+    weighted_merge: merged tokens are size-weighted means; False is PuMer's plain mean.
+    """
+
+    method: str = "none"
+    layers: tuple[LayerSpec, ...] = ()
+    level: str = "none"
+    proportional_attention: bool = True
+    weighted_merge: bool = True
+    # TC-ViT parameters: connectivity order K and the connectivity/dominance mix alpha.
+    order: int = field(default=1)
+    alpha: float = field(default=0.5)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.order < 1:
+            raise ValueError("connectivity order must be >= 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("alpha must be in [0, 1]")
+
+    @property
+    def removes_nothing(self) -> bool:
+        return self.method == "none" or all(spec.is_identity for spec in self.layers)
+
+    def spec(self, layer: int) -> LayerSpec:
+        return self.layers[layer] if self.method != "none" and layer < len(self.layers) else IDENTITY
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "level": self.level,
+            "layers": {i: s.to_dict() for i, s in enumerate(self.layers) if not s.is_identity},
+            "proportional_attention": self.proportional_attention,
+            "weighted_merge": self.weighted_merge,
+            **({"order": self.order, "alpha": self.alpha} if self.method == "tcvit" else {}),
+        }
+
+
+NO_REDUCTION = ReductionPlan()

@@ -1,0 +1,1 @@
+"""Pure tensor functions for token reduction: no knowledge of any model."""
