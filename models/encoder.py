@@ -101,7 +101,8 @@ def run_encoder(
         h = block.norm1(x)
         head_dim = block.q.out_features // block.num_heads
         q, k, v = (
-            proj(h).view(b, n, block.num_heads, head_dim).transpose(1, 2) for proj in (block.q, block.k, block.v)
+            proj(h).view(b, n, block.num_heads, head_dim).transpose(1, 2)
+            for proj in (block.q, block.k, block.v)
         )
         bias = key_bias(
             None if tokens.unit_size else tokens.size, tokens.valid, plan.proportional_attention, x.dtype

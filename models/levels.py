@@ -61,7 +61,9 @@ def named_plan(model: ReducibleModel, level: str, method: str | None = None) -> 
     n = model.num_layers
     if model.family == "vit":
         if method == "evit":
-            return _plan(model, method, level, _at_layers(n, _evit_layers(n), LayerSpec(keep_rate=EVIT_KEEP[level])))
+            return _plan(
+                model, method, level, _at_layers(n, _evit_layers(n), LayerSpec(keep_rate=EVIT_KEEP[level]))
+            )
         r = round_half_up(R_FRACTION[level] * _vit_unit_r(model))
         return _plan(model, method, level, (LayerSpec(r=r),) * n)
     if method == "tome":
@@ -94,7 +96,8 @@ def candidate_plans(model: ReducibleModel, method: str) -> list[ReductionPlan]:
     layers = scaled_layers(PUMER_LAYERS_OF_12, n)
     k, r, t = PUMER["medium"] if method == "pumer" else (VILT_PRUNE["medium"], 0.0, 0.0)
     specs = [
-        LayerSpec(prune=min(k * s, 0.95), merge_image=min(r * s, 0.5), merge_text=min(t * s, 0.5)) for s in steps
+        LayerSpec(prune=min(k * s, 0.95), merge_image=min(r * s, 0.5), merge_text=min(t * s, 0.5))
+        for s in steps
     ]
     return [_plan(model, method, "", _at_layers(n, layers, spec)) for spec in specs]
 

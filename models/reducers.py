@@ -41,7 +41,9 @@ def vision_reducer(method: str, protected: int) -> Reducer:
             return tokens
         if method == "tome":
             matching = bipartite_soft_matching(attn.metric(), spec.r, protected)
-            x, size, source, _ = merge_tokens(matching, tokens.x, tokens.size, tokens.source, plan.weighted_merge)
+            x, size, source, _ = merge_tokens(
+                matching, tokens.x, tokens.size, tokens.source, plan.weighted_merge
+            )
         elif method == "tcvit":
             probs = attn.probs(slice(None))
             x, size, source = condense(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from models.encoder import Block, initial_tokens, run_encoder
-from models.families.base import ReducedOutput, ReducibleModel, linears
+from models.families.base import ReducedOutput, ReducibleModel
 from models.plan import NO_REDUCTION, VILT_METHODS, ReductionPlan
 from models.reducers import vilt_count, vilt_reducer
 
@@ -31,9 +31,16 @@ def _vilt_block(layer: nn.Module, heads: int) -> Block:
         return layer.output.dense(layer.intermediate(h))
 
     return Block(
-        layer.layernorm_before, a.query, a.key, a.value, layer.attention.output.dense,
-        layer.layernorm_after, mlp, (layer.intermediate.dense, layer.output.dense), heads,
-    )  # fmt: skip
+        layer.layernorm_before,
+        a.query,
+        a.key,
+        a.value,
+        layer.attention.output.dense,
+        layer.layernorm_after,
+        mlp,
+        (layer.intermediate.dense, layer.output.dense),
+        heads,
+    )
 
 
 class ViltTransformer(ReducibleModel):
@@ -83,7 +90,9 @@ class ViltTransformer(ReducibleModel):
         cls = (emb.cls_token + emb.position_embeddings[:, :1]).expand(b, -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def embed(self, input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask, image_token_type_idx):
+    def embed(
+        self, input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask, image_token_type_idx
+    ):
         emb = self.base.embeddings
         text = emb.text_embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         text = text + emb.token_type_embeddings(torch.zeros_like(input_ids))
@@ -107,7 +116,9 @@ class ViltTransformer(ReducibleModel):
         self.check_plan(plan)
         if input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError("input_ids and pixel_values must have the same batch size")
-        x = self.embed(input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask, image_token_type_idx)
+        x = self.embed(
+            input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask, image_token_type_idx
+        )
         n_text = input_ids.shape[1]
         valid = None
         if attention_mask is not None and not bool(attention_mask.all()):

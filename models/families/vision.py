@@ -31,25 +31,48 @@ class _Layout:
 def _vit_block(layer: nn.Module, heads: int) -> Block:
     a = layer.attention
     return Block(
-        layer.layernorm_before, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-        layer.layernorm_after, layer.mlp, linears(layer.mlp), heads,
-    )  # fmt: skip
+        layer.layernorm_before,
+        a.q_proj,
+        a.k_proj,
+        a.v_proj,
+        a.o_proj,
+        layer.layernorm_after,
+        layer.mlp,
+        linears(layer.mlp),
+        heads,
+    )
 
 
 def _dinov2_block(layer: nn.Module, heads: int) -> Block:
     a = layer.attention
     return Block(
-        layer.norm1, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-        layer.norm2, layer.mlp, linears(layer.mlp), heads, layer.layer_scale1, layer.layer_scale2,
-    )  # fmt: skip
+        layer.norm1,
+        a.q_proj,
+        a.k_proj,
+        a.v_proj,
+        a.o_proj,
+        layer.norm2,
+        layer.mlp,
+        linears(layer.mlp),
+        heads,
+        layer.layer_scale1,
+        layer.layer_scale2,
+    )
 
 
 def _clip_block(layer: nn.Module, heads: int) -> Block:
     a = layer.self_attn
     return Block(
-        layer.layer_norm1, a.q_proj, a.k_proj, a.v_proj, a.out_proj,
-        layer.layer_norm2, layer.mlp, linears(layer.mlp), heads,
-    )  # fmt: skip
+        layer.layer_norm1,
+        a.q_proj,
+        a.k_proj,
+        a.v_proj,
+        a.out_proj,
+        layer.layer_norm2,
+        layer.mlp,
+        linears(layer.mlp),
+        heads,
+    )
 
 
 _VIT = _Layout(lambda base: base.layers, _vit_block)

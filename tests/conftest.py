@@ -1,0 +1,121 @@
+"""Tiny random models of every supported family, built in code (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    ViltConfig,
+    ViltForImageAndTextRetrieval,
+    ViltForQuestionAnswering,
+    ViltModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+IMAGE = 32
+PATCH = 4  # 8 x 8 = 64 patches
+SMALL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128)
+
+
+def _randomise_layerscale(model: torch.nn.Module) -> torch.nn.Module:
+    """DINOv2 initialises LayerScale to a constant; random values prove it is applied."""
+    for name, p in model.named_parameters():
+        if "lambda1" in name:
+            p.data.uniform_(0.2, 1.5)
+    return model
+
+
+def build_vision(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    vit = dict(SMALL, image_size=IMAGE, patch_size=PATCH, num_labels=5)
+    builders = {
+        "vit": lambda: ViTModel(ViTConfig(**vit)),
+        "vit-cls": lambda: ViTForImageClassification(ViTConfig(**vit)),
+        "deit-cls": lambda: DeiTForImageClassification(DeiTConfig(**vit)),
+        "deit-teacher": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**vit)),
+        "dinov2": lambda: _randomise_layerscale(Dinov2Model(Dinov2Config(**vit))),
+        "dinov2-cls": lambda: _randomise_layerscale(Dinov2ForImageClassification(Dinov2Config(**vit))),
+        "clip-vision": lambda: CLIPVisionModel(CLIPVisionConfig(**SMALL, image_size=IMAGE, patch_size=PATCH)),
+        "clip-vision-proj": lambda: CLIPVisionModelWithProjection(
+            CLIPVisionConfig(**SMALL, image_size=IMAGE, patch_size=PATCH, projection_dim=16)
+        ),
+        "clip": lambda: CLIPModel(
+            CLIPConfig(
+                vision_config=dict(SMALL, image_size=IMAGE, patch_size=PATCH),
+                text_config=dict(SMALL, vocab_size=100, max_position_embeddings=16),
+                projection_dim=16,
+            )
+        ),
+    }
+    return builders[kind]().eval()
+
+
+VISION_KINDS = [
+    "vit",
+    "vit-cls",
+    "deit-cls",
+    "deit-teacher",
+    "dinov2",
+    "dinov2-cls",
+    "clip-vision",
+    "clip-vision-proj",
+    "clip",
+]
+VILT_KINDS = ["vilt", "vilt-vqa", "vilt-retrieval"]
+
+
+def vilt_config(layers: int = 6) -> ViltConfig:
+    return ViltConfig(
+        **dict(SMALL, num_hidden_layers=layers),
+        image_size=64,
+        patch_size=8,  # 64 patches + image [CLS]
+        max_position_embeddings=16,
+        vocab_size=100,
+        num_labels=7,
+    )
+
+
+def build_vilt(kind: str, layers: int = 6) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cls = {
+        "vilt": ViltModel,
+        "vilt-vqa": ViltForQuestionAnswering,
+        "vilt-retrieval": ViltForImageAndTextRetrieval,
+    }
+    return cls[kind](vilt_config(layers)).eval()
+
+
+def vilt_inputs(batch: int = 3, text_len: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Questions of different lengths, right-padded like a tokenizer does."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, 100, (batch, text_len), generator=g)
+    attention_mask = torch.ones(batch, text_len, dtype=torch.long)
+    for i in range(1, batch):
+        real = max(3, text_len - 3 * i)
+        attention_mask[i, real:] = 0
+        input_ids[i, real:] = 0
+    pixel_values = torch.randn(batch, 3, 64, 64, generator=g)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def pixels(batch: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.inference_mode():
+        yield
