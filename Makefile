@@ -20,3 +20,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+.PHONY: serve
+serve: install
+	$(BIN)/tokenlean serve

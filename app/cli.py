@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from models.levels import DEFAULT_METHOD
 
@@ -48,9 +50,56 @@ def plans_command(args: argparse.Namespace) -> None:
         )
 
 
+def train_demo_command(args: argparse.Namespace) -> None:
+    """Train the three demo checkpoints from scratch on easy-VQA."""
+    from models.demo.train import train_demo
+
+    report = train_demo(Path(args.out), seed=args.seed, scale=args.scale)
+    print(json.dumps(report["seconds"], indent=2))
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    """Evaluate checkpoints on the easy-VQA test split at every level of every method."""
+    from models.demo.evaluate import evaluate, format_table
+
+    reports = []
+    for checkpoint in args.checkpoint:
+        report = evaluate(checkpoint, methods=args.method or None, limit=args.limit)
+        print(format_table(report) + "\n")
+        reports.append(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
+
+
+def serve(argv: list[str]) -> None:
+    """Start the HTTP service; settings from TOKENLEAN_* environment variables and these flags."""
+    import uvicorn
+
+    from app.logs import configure
+    from app.main import create_app
+    from app.settings import Settings
+
+    settings = Settings(_cli_parse_args=argv)
+    log_config = configure(settings.log_format, settings.log_level)
+    # One worker per process: every worker would hold its own copy of the models, and the
+    # micro-batcher only batches requests that reach the same process. Scale with replicas.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=log_config,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:])
     parser = argparse.ArgumentParser(prog="tokenlean", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="start the HTTP service (see `tokenlean serve --help`)", add_help=False)
     plans = sub.add_parser("plans", help="show compression levels, tokens per layer and FLOPs for a model")
     plans.add_argument(
         "--model",
@@ -63,6 +112,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     plans.add_argument("--json", action="store_true")
     plans.set_defaults(func=plans_command)
+
+    from models.demo.train import CHECKPOINTS
+
+    train = sub.add_parser("train-demo", help="train the demo checkpoints on easy-VQA (CPU, ~30 min)")
+    train.add_argument("--out", default=str(CHECKPOINTS))
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--scale", type=float, default=1.0, help="fraction of the training steps (smoke runs)")
+    train.set_defaults(func=train_demo_command)
+
+    ev = sub.add_parser("eval", help="accuracy on the easy-VQA test split at every compression level")
+    ev.add_argument(
+        "checkpoint", nargs="*", default=[str(CHECKPOINTS / t) for t in ("vqa", "retrieval", "classify")]
+    )
+    ev.add_argument("--method", action="append", help="only these methods (default: all that apply)")
+    ev.add_argument("--limit", type=int, default=None, help="first N test items only")
+    ev.add_argument("--json", default=None, help="also write the results here")
+    ev.set_defaults(func=eval_command)
     args = parser.parse_args(argv)
     args.func(args)
 

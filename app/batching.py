@@ -1,0 +1,156 @@
+"""Micro-batching per (task, plan): requests with the same plan share a model call, requests with
+different plans never do. One batch per task runs at a time, in a worker thread, so the event
+loop never blocks on inference; while it runs, the next batch fills up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.errors import overloaded, unavailable
+
+
+@dataclass
+class Pending:
+    item: Any
+    weight: int  # rows of the model batch this item needs (retrieval: one per candidate)
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """What a request learns about the model call it ran in."""
+
+    size: int  # rows in the model call
+    queue_s: float
+    inference_s: float
+
+
+RunBatch = Callable[[Hashable, list[Any]], list[Any]]
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        run: RunBatch,
+        executor: Executor,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        on_batch: Callable[[Hashable, BatchInfo, list[float]], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+    ):
+        self._run, self._executor = run, executor
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+        self._on_batch, self._on_depth = on_batch, on_depth
+        self._queues: OrderedDict[Hashable, deque[Pending]] = OrderedDict()
+        self._depth = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._running = False  # a batch is in the model
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def submit(self, key: Hashable, item: Any, weight: int = 1) -> tuple[Any, BatchInfo]:
+        if self._closing:
+            raise unavailable("the server is shutting down")
+        if self._depth + weight > self.max_queue and self._depth > 0:
+            raise overloaded()
+        future = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(key, deque()).append(Pending(item, weight, future))
+        self._set_depth(self._depth + weight)
+        self._wakeup.set()
+        return await future
+
+    async def close(self, timeout_s: float) -> None:
+        """Finish what is queued (up to timeout_s), then stop."""
+        self._closing = True
+        deadline = time.perf_counter() + timeout_s
+        while (self._depth or self._running) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for queue in self._queues.values():
+            for pending in queue:
+                if not pending.future.done():
+                    pending.future.set_exception(unavailable("the server is shutting down"))
+
+    def _set_depth(self, depth: int) -> None:
+        self._depth = depth
+        if self._on_depth:
+            self._on_depth(depth)
+
+    def _oldest_key(self) -> Hashable | None:
+        heads = [(q[0].enqueued, k) for k, q in self._queues.items() if q]
+        return min(heads, key=lambda h: h[0])[1] if heads else None
+
+    def _take(self, key: Hashable) -> list[Pending]:
+        queue, taken, rows = self._queues[key], [], 0
+        while queue and (not taken or rows + queue[0].weight <= self.max_batch):
+            pending = queue.popleft()
+            if pending.future.cancelled():  # the client went away
+                self._set_depth(self._depth - pending.weight)
+                continue
+            taken.append(pending)
+            rows += pending.weight
+        if not queue:
+            del self._queues[key]
+        self._set_depth(self._depth - rows)
+        return taken
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            key = self._oldest_key()
+            if key is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            queue = self._queues[key]
+            deadline = queue[0].enqueued + self.max_wait_s
+            while sum(p.weight for p in queue) < self.max_batch and time.perf_counter() < deadline:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(
+                        self._wakeup.wait(), timeout=max(0.0, deadline - time.perf_counter())
+                    )
+                except TimeoutError:
+                    break
+            batch = self._take(key)
+            if not batch:
+                continue
+            started = time.perf_counter()
+            self._running = True
+            try:
+                results = await loop.run_in_executor(self._executor, self._run, key, [p.item for p in batch])
+            except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the loop
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            finally:
+                self._running = False
+            inference_s = time.perf_counter() - started
+            waits = [started - p.enqueued for p in batch]
+            rows = sum(p.weight for p in batch)
+            if self._on_batch:
+                self._on_batch(key, BatchInfo(rows, 0.0, inference_s), waits)
+            for p, result, wait in zip(batch, results, waits, strict=True):
+                if not p.future.done():
+                    p.future.set_result((result, BatchInfo(rows, wait, inference_s)))

@@ -1,0 +1,84 @@
+"""The FastAPI application: models load in the background at start-up (/healthz answers at once,
+/readyz once every model is loaded and warmed up); shutdown finishes queued requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__, errors
+from app.limits import BodyLimitMiddleware
+from app.metrics import Metrics
+from app.routes import ops, v1
+from app.service import TaskService
+from app.settings import Settings
+
+log = logging.getLogger("tokenlean")
+ServiceFactory = Callable[[str, Settings, Metrics], TaskService]
+
+
+def default_factory(task: str, settings: Settings, metrics: Metrics) -> TaskService:
+    cfg = getattr(settings.models, task)
+    return TaskService(task, cfg, settings, metrics, settings.resolved_device())
+
+
+def load_services(app: FastAPI, factory: ServiceFactory) -> None:
+    settings, metrics = app.state.settings, app.state.metrics
+    for task in settings.models.enabled():
+        started = time.perf_counter()
+        svc = factory(task, settings, metrics)
+        if settings.warmup:
+            svc.warm_up()
+        metrics.model_load.labels(task).set(time.perf_counter() - started)
+        app.state.services[task] = svc
+        log.info("loaded %s from %s in %.1fs", task, svc.cfg.checkpoint, time.perf_counter() - started)
+
+
+def create_app(settings: Settings | None = None, factory: ServiceFactory = default_factory) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+
+        async def start() -> None:
+            try:
+                await loop.run_in_executor(None, load_services, app, factory)
+            except Exception:
+                log.exception("loading models failed")
+                app.state.load_failed = True
+                return
+            for svc in app.state.services.values():
+                svc.batcher.start()
+            app.state.ready = True
+
+        loader = loop.create_task(start())
+        yield
+        app.state.ready = False
+        loader.cancel()
+        for svc in app.state.services.values():
+            await svc.batcher.close(settings.shutdown_timeout_s)
+            svc.close()
+
+    app = FastAPI(
+        title="tokenlean",
+        version=__version__,
+        description="Visual question answering, image-text retrieval and image classification with "
+        "per-request token pruning and merging.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.services = {}
+    app.state.ready = False
+    app.state.load_failed = False
+    errors.install(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_request_bytes)
+    app.include_router(ops)
+    app.include_router(v1)
+    return app

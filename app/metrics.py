@@ -1,0 +1,156 @@
+"""Prometheus metrics, all in one registry. Labels are bounded: task, level (a named level or the
+FLOPs bucket a numeric request resolved to), status class, backend, device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from app import __version__
+
+
+def geometric(start: float, stop: float, factor: float) -> list[float]:
+    buckets, value = [], start
+    while value <= stop * 1.0001:
+        buckets.append(round(value, 6))
+        value *= factor
+    return buckets
+
+
+# *_created samples double the exposition for no use here.
+disable_created_metrics()
+
+LATENCY_BUCKETS = geometric(0.0005, 30.0, 2**0.5)  # 0.5 ms .. ~30 s
+BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
+RATIO_BUCKETS = [i / 20 for i in range(1, 21)]
+
+
+class GPUMemoryCollector(Collector):
+    """Reads torch's CUDA allocator (and NVML, device-wide, where nvidia-ml-py finds a GPU) at
+    scrape time. On a host without CUDA it yields nothing."""
+
+    def __init__(self, torch_module=None, nvml_module=None):
+        self._torch = torch_module
+        self._nvml = nvml_module
+
+    def _torch_cuda(self):
+        if self._torch is None:
+            import torch
+
+            self._torch = torch
+        return self._torch.cuda
+
+    def _nvml_handles(self) -> list:
+        if self._nvml is False:
+            return []
+        try:
+            if self._nvml is None:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._nvml = pynvml
+            return [self._nvml.nvmlDeviceGetHandleByIndex(i) for i in range(self._nvml.nvmlDeviceGetCount())]
+        except Exception:  # no driver, no library, no device: NVML metrics are simply absent
+            self._nvml = False
+            return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        cuda = self._torch_cuda()
+        if cuda.is_available():
+            allocated = GaugeMetricFamily(
+                "tokenlean_gpu_memory_allocated_bytes",
+                "bytes held by tensors (torch allocator)",
+                labels=["device"],
+            )
+            reserved = GaugeMetricFamily(
+                "tokenlean_gpu_memory_reserved_bytes",
+                "bytes reserved by torch's allocator",
+                labels=["device"],
+            )
+            for i in range(cuda.device_count()):
+                allocated.add_metric([f"cuda:{i}"], float(cuda.memory_allocated(i)))
+                reserved.add_metric([f"cuda:{i}"], float(cuda.memory_reserved(i)))
+            yield allocated
+            yield reserved
+        handles = self._nvml_handles()
+        if handles:
+            used = GaugeMetricFamily(
+                "tokenlean_gpu_memory_used_bytes",
+                "device memory in use, all processes (NVML)",
+                labels=["device"],
+            )
+            for i, handle in enumerate(handles):
+                used.add_metric([f"cuda:{i}"], float(self._nvml.nvmlDeviceGetMemoryInfo(handle).used))
+            yield used
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, gpu: Collector | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tokenlean_requests",
+            "requests by task, level and status class",
+            ["task", "level", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "tokenlean_request_duration_seconds",
+            "request latency, receipt to response",
+            ["task", "level"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "tokenlean_inference_duration_seconds",
+            "one batched model call",
+            ["task", "level", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "tokenlean_queue_wait_seconds",
+            "time from enqueue to batch start",
+            ["task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("tokenlean_queue_depth", "items waiting for a batch", ["task"], registry=r)
+        self.batch_size = Histogram(
+            "tokenlean_batch_size", "items per model call", ["task"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.tokens_kept = Histogram(
+            "tokenlean_tokens_kept_ratio",
+            "tokens after the last layer / tokens in",
+            ["task", "level"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "tokenlean_rejected", "requests refused because the queue was full", ["task"], registry=r
+        )
+        self.gpu_peak = Gauge(
+            "tokenlean_gpu_memory_peak_bytes",
+            "peak CUDA memory of the last batch",
+            ["task", "level"],
+            registry=r,
+        )
+        self.model_load = Gauge(
+            "tokenlean_model_load_seconds", "time to load and warm up", ["task"], registry=r
+        )
+        Info("tokenlean_build", "tokenlean version", registry=r).info({"version": __version__})
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(gpu or GPUMemoryCollector())

@@ -1,0 +1,150 @@
+"""Serving overhead and batching gain of `tokenlean serve` on the demo VQA checkpoint (CPU).
+
+1. Overhead at concurrency 1: p50 of an HTTP /v1/vqa request minus the p50 of the direct model
+   call (preprocess + reduced forward + postprocess) for the same input, measured in one run.
+2. Batching: throughput at concurrency 16 over throughput at concurrency 1, same level.
+
+    python bench/serving.py [--quick] [--level medium] [--out bench/results/serving.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from app.settings import CHECKPOINTS  # noqa: E402
+from models import resolve  # noqa: E402
+from models.demo import data  # noqa: E402
+from models.tasks.pipelines import load_pipeline  # noqa: E402
+
+
+def start_server(port: int) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("tokenlean")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app.cli"]
+    env = {**os.environ, "TOKENLEAN_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([*cmd, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def requests_from_test_split(n: int) -> list[tuple[bytes, str]]:
+    split = data.load_split("test")
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(split.images[split.question_image[i]]).save(buf, "PNG")
+        out.append((buf.getvalue(), split.questions[i]))
+    return out
+
+
+def direct_latencies(pipeline, items, level: str) -> list[float]:
+    plan = resolve(pipeline.model, level)
+    times = []
+    with torch.inference_mode():
+        for image_bytes, question in items:
+            start = time.perf_counter()
+            image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+            pipeline.answer([image], [question], plan)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def http_run(base: str, items, level: str, concurrency: int) -> tuple[list[float], float]:
+    client = httpx.Client(timeout=60)
+
+    def one(item):
+        image_bytes, question = item
+        start = time.perf_counter()
+        r = client.post(
+            f"{base}/v1/vqa",
+            files={"image": ("q.png", image_bytes, "image/png")},
+            data={"question": question, "compression": level},
+        )
+        r.raise_for_status()
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, items))
+    return latencies, len(items) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--level", default="medium")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
+    args = parser.parse_args()
+    n = 60 if args.quick else 400
+    items = requests_from_test_split(n)
+    port = free_port()
+    proc = start_server(port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        pipeline = load_pipeline("vqa", CHECKPOINTS / "vqa")
+        http_run(base, items[:20], args.level, 1)  # warm-up, both paths
+        direct_latencies(pipeline, items[:20], args.level)
+        direct = direct_latencies(pipeline, items, args.level)
+        http1, thr1 = http_run(base, items, args.level, 1)
+        direct_again = direct_latencies(pipeline, items, args.level)  # bracket the HTTP run
+        _, thr16 = http_run(base, items, args.level, 16)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    direct_p50 = float(np.median(direct + direct_again))
+    result = {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "command": shlex.join(["python", *sys.argv]),
+        "level": args.level,
+        "requests": n,
+        "direct_p50_ms": direct_p50 * 1e3,
+        "http_c1_p50_ms": float(np.median(http1)) * 1e3,
+        "http_c1_p95_ms": float(np.percentile(http1, 95)) * 1e3,
+        "overhead_p50_ms": (float(np.median(http1)) - direct_p50) * 1e3,
+        "throughput_c1": thr1,
+        "throughput_c16": thr16,
+        "batching_gain": thr16 / thr1,
+    }
+    result["targets"] = {
+        "overhead_p50_ms <= 5": result["overhead_p50_ms"] <= 5,
+        "batching_gain >= 1.5": result["batching_gain"] >= 1.5,
+    }
+    for key, value in result.items():
+        if key not in ("machine", "versions"):
+            print(f"{key:>18}: {value:.2f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

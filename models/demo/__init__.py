@@ -1,0 +1,1 @@
+"""Demo models trained on easy-VQA: data, training and evaluation."""

@@ -1,0 +1,156 @@
+"""`tokenlean eval`: accuracy of a checkpoint on the easy-VQA test split at every compression level
+of every method that applies, with the analytic FLOPs of each level.
+
+Retrieval: each query (an image, or the caption of an image) is ranked against a fixed, seeded
+pool of 100 test candidates that contains its own match; a candidate whose facts (shape, colour)
+equal the query's counts as correct. Captions take only 24 distinct values, so every
+(image, caption) score is computed once and the pools are ranked from that table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import NO_REDUCTION, named_plan
+from models.demo import data
+from models.plan import LEVELS, ReductionPlan
+from models.tasks.pipelines import Pipeline, load_pipeline
+
+POOL = 100
+TASK_OF_ARCHITECTURE = {
+    "ViltForQuestionAnswering": "vqa",
+    "ViltForImageAndTextRetrieval": "retrieval",
+}
+
+
+def task_of(checkpoint: str | Path) -> str:
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return TASK_OF_ARCHITECTURE.get(config["architectures"][0], "classify")
+
+
+def plans(pipeline: Pipeline, methods: list[str] | None) -> list[ReductionPlan]:
+    rm = pipeline.model
+    chosen = [NO_REDUCTION]
+    for method in methods or rm.methods:
+        chosen += [named_plan(rm, level, method) for level in LEVELS if level != "none"]
+    return chosen
+
+
+@torch.inference_mode()
+def vqa_accuracy(
+    p: Pipeline, split: data.Split, plan: ReductionPlan, limit: int | None, batch: int = 256
+) -> dict:
+    n = len(split.questions) if limit is None else min(limit, len(split.questions))
+    labels = p.labels()
+    correct, flops, full = 0, 0, 0
+    for start in range(0, n, batch):
+        stop = min(start + batch, n)
+        pixels = p.preprocess.from_uint8(split.images[split.question_image[start:stop]])
+        out = p.forward(pixels, list(split.questions[start:stop]), plan)
+        predicted = out.logits.argmax(-1).tolist()
+        correct += sum(labels[i] == a for i, a in zip(predicted, split.answers[start:stop], strict=True))
+        flops += out.trace.flops * (stop - start)
+        full += out.trace.full_flops * (stop - start)
+    return {"accuracy": correct / n, "n": n, "measured_flops_saved": 1 - flops / full}
+
+
+@torch.inference_mode()
+def classify_accuracy(p: Pipeline, split: data.Split, plan: ReductionPlan, limit: int | None) -> dict:
+    ids = split.fact_ids()[:limit]
+    labels = p.labels()
+    correct = 0
+    for start in range(0, len(ids), 256):
+        chunk = ids[start : start + 256]
+        out = p.model(p.preprocess.from_uint8(split.images[chunk]).to(p.device), plan=plan)
+        predicted = out.logits.argmax(-1).tolist()
+        expected = [f"{split.facts[int(i)][1]} {split.facts[int(i)][0]}" for i in chunk]
+        correct += sum(labels[a] == b for a, b in zip(predicted, expected, strict=True))
+    return {"accuracy": correct / len(ids), "n": len(ids)}
+
+
+@torch.inference_mode()
+def caption_scores(p: Pipeline, split: data.Split, ids: np.ndarray, plan: ReductionPlan) -> np.ndarray:
+    """Matching logit of every (image, caption) pair: (len(ids), 24)."""
+    facts = [(s, c) for s in data.SHAPES for c in data.COLORS]
+    captions = [data.caption(*f) for f in facts]
+    scores = np.zeros((len(ids), len(captions)), dtype=np.float32)
+    per_batch = 10  # images per forward: 10 x 24 pairs
+    for start in range(0, len(ids), per_batch):
+        chunk = ids[start : start + per_batch]
+        pixels = p.preprocess.from_uint8(split.images[chunk]).repeat_interleave(len(captions), dim=0)
+        out = p.pair_scores(pixels, captions * len(chunk), plan)
+        scores[start : start + len(chunk)] = out.logits[:, 0].view(len(chunk), len(captions)).float().numpy()
+    return scores
+
+
+def recall_at(ranked_correct: np.ndarray, k: int) -> float:
+    return float(ranked_correct[:, :k].any(axis=1).mean())
+
+
+def retrieval_recall(
+    p: Pipeline, split: data.Split, plan: ReductionPlan, limit: int | None, seed: int = 0
+) -> dict:
+    ids = split.fact_ids()[:limit]
+    fact_list = [(s, c) for s in data.SHAPES for c in data.COLORS]
+    fact_index = np.array([fact_list.index(split.facts[int(i)]) for i in ids])
+    scores = caption_scores(p, split, ids, plan)
+    rng = np.random.default_rng(seed)
+    pool = min(POOL, len(ids))
+    i2t, t2i = [], []
+    for q in range(len(ids)):
+        others = rng.choice(np.delete(np.arange(len(ids)), q), size=pool - 1, replace=False)
+        members = np.concatenate([[q], others])  # pool of test items; the query's own match is in it
+        # image -> text: the captions of the pool's images, scored against the query image
+        cand = fact_index[members]
+        order = np.argsort(-scores[q, cand], kind="stable")
+        i2t.append(cand[order] == fact_index[q])
+        # text -> image: the pool's images, scored against the query image's caption
+        order = np.argsort(-scores[members, fact_index[q]], kind="stable")
+        t2i.append(fact_index[members[order]] == fact_index[q])
+    i2t, t2i = np.array(i2t), np.array(t2i)
+    return {
+        "image_to_text_r1": recall_at(i2t, 1),
+        "image_to_text_r5": recall_at(i2t, 5),
+        "text_to_image_r1": recall_at(t2i, 1),
+        "text_to_image_r5": recall_at(t2i, 5),
+        "n": len(ids),
+        "pool": pool,
+    }
+
+
+METRICS = {"vqa": vqa_accuracy, "classify": classify_accuracy, "retrieval": retrieval_recall}
+
+
+def evaluate(checkpoint: str | Path, methods: list[str] | None = None, limit: int | None = None) -> dict:
+    task = task_of(checkpoint)
+    pipeline = load_pipeline(task, checkpoint)
+    split = data.load_split("test")
+    full = pipeline.model.flops(NO_REDUCTION)
+    rows = []
+    for plan in tqdm(plans(pipeline, methods), desc=f"eval {task}"):
+        result = METRICS[task](pipeline, split, plan, limit)
+        flops = pipeline.model.flops(plan)
+        rows.append(
+            {
+                "method": plan.method,
+                "level": plan.level,
+                "flops": flops,
+                "flops_saved": 1 - flops / full,
+                **result,
+            }
+        )
+    return {"checkpoint": str(checkpoint), "task": task, "limit": limit, "rows": rows}
+
+
+def format_table(report: dict) -> str:
+    keys = [k for k in report["rows"][0] if k not in ("method", "level", "flops", "n", "pool")]
+    lines = [f"{report['task']} — {report['checkpoint']}", "method  level   MFLOPs  " + "  ".join(keys)]
+    for row in report["rows"]:
+        values = "  ".join(f"{row[k] * 100:>{len(k)}.2f}" for k in keys)
+        lines.append(f"{row['method']:<7} {row['level']:<7} {row['flops'] / 1e6:>6.1f}  {values}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Task pipelines: VQA, retrieval, classification."""

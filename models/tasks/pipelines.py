@@ -1,0 +1,148 @@
+"""Task pipelines: preprocess -> reduced forward -> postprocess, for VQA, image-text retrieval and
+image classification. The service, the evaluation and the benchmarks all load models here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.families import ReducedOutput, ReducibleModel
+from models.loading import load_model
+from models.plan import ReductionPlan
+from models.tasks.preprocess import ImagePreprocessor
+
+TASKS = ("vqa", "retrieval", "classify")
+EXPECTED_FAMILY = {"vqa": "vilt", "retrieval": "vilt", "classify": "vit"}
+TEXT_BUCKET = 8
+
+
+@dataclass(frozen=True)
+class Scored:
+    label: str
+    score: float
+
+
+class Pipeline:
+    task: str
+
+    def __init__(self, model: ReducibleModel, preprocess: ImagePreprocessor, tokenizer=None, name: str = ""):
+        if model.family != EXPECTED_FAMILY[self.task]:
+            raise ValueError(f"{self.task} needs a {EXPECTED_FAMILY[self.task]} model, got {model.kind}")
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.name = name
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.blocks[0].q.weight.device
+
+    def labels(self) -> list[str]:
+        id2label = self.model.model.config.id2label
+        return [id2label[i] for i in range(len(id2label))]
+
+    def padded_length(self, texts: list[str]) -> int:
+        """Tokens the texts are padded to: the longest, rounded up to a multiple of 8 (capped at the
+        model's limit). A text's result then depends on its own length bucket only, never on which
+        other texts share its batch (PuMer's text merge count follows the padded length)."""
+        limit = self.model.config.max_position_embeddings
+        longest = max(
+            len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+        )
+        return min(-(-longest // TEXT_BUCKET) * TEXT_BUCKET, limit)
+
+    def encode_texts(self, texts: list[str], length: int | None = None) -> dict[str, torch.Tensor]:
+        length = length or self.padded_length(texts)
+        enc = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt"
+        )
+        return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+
+class VQAPipeline(Pipeline):
+    task = "vqa"
+
+    def forward(
+        self, pixels: torch.Tensor, questions: list[str], plan: ReductionPlan, length: int | None = None
+    ) -> ReducedOutput:
+        text = self.encode_texts(questions, length)
+        return self.model(
+            text["input_ids"], pixels.to(self.device), attention_mask=text["attention_mask"], plan=plan
+        )
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax for single-label heads (the demo models); sigmoid for VQAv2-style multi-label ones."""
+        if self.model.model.config.problem_type == "single_label_classification":
+            return logits.softmax(dim=-1)
+        return logits.sigmoid()
+
+    def answer(self, images: list, questions: list[str], plan: ReductionPlan, top_k: int = 3):
+        out = self.forward(self.preprocess(images), questions, plan)
+        return top_labels(self.scores(out.logits.float()), self.labels(), top_k), out.trace
+
+
+class RetrievalPipeline(Pipeline):
+    task = "retrieval"
+
+    def pair_scores(
+        self, pixels: torch.Tensor, texts: list[str], plan: ReductionPlan, length: int | None = None
+    ) -> ReducedOutput:
+        """Image-text matching logits of aligned pairs (pixels[i], texts[i]): logits (B, 1)."""
+        text = self.encode_texts(texts, length)
+        return self.model(
+            text["input_ids"], pixels.to(self.device), attention_mask=text["attention_mask"], plan=plan
+        )
+
+    def rank_texts(self, image, texts: list[str], plan: ReductionPlan):
+        pixels = self.preprocess([image]).expand(len(texts), -1, -1, -1)
+        out = self.pair_scores(pixels, texts, plan)
+        return ranked(out.logits[:, 0].float(), texts), out.trace
+
+    def rank_images(self, text: str, images: list, plan: ReductionPlan):
+        out = self.pair_scores(self.preprocess(images), [text] * len(images), plan)
+        return ranked(out.logits[:, 0].float(), list(range(len(images)))), out.trace
+
+
+class ClassifyPipeline(Pipeline):
+    task = "classify"
+
+    def classify(self, images: list, plan: ReductionPlan, top_k: int = 5):
+        out = self.model(self.preprocess(images).to(self.device), plan=plan)
+        return top_labels(out.logits.float().softmax(dim=-1), self.labels(), top_k), out.trace
+
+
+PIPELINES = {"vqa": VQAPipeline, "retrieval": RetrievalPipeline, "classify": ClassifyPipeline}
+
+
+def top_labels(scores: torch.Tensor, labels: list[str], k: int) -> list[list[Scored]]:
+    values, indices = scores.topk(min(k, scores.shape[-1]), dim=-1)
+    return [
+        [Scored(labels[i], float(v)) for v, i in zip(vs, ix, strict=True)]
+        for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+
+
+def ranked(logits: torch.Tensor, items: list) -> list[dict]:
+    """Candidates by descending matching score; `probability` is the softmax over candidates."""
+    probs = logits.softmax(dim=0)
+    order = torch.argsort(logits, descending=True, stable=True).tolist()
+    return [
+        {"index": i, "item": items[i], "score": float(logits[i]), "probability": float(probs[i])}
+        for i in order
+    ]
+
+
+def load_pipeline(task: str, name_or_path: str | Path, device: str = "cpu") -> Pipeline:
+    """Load a checkpoint folder or hub id for `task`. Weights load from safetensors only."""
+    from transformers import AutoTokenizer
+
+    from models import reducible
+
+    if task not in PIPELINES:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    name = str(name_or_path)
+    model = reducible(load_model(name).to(device))
+    tokenizer = AutoTokenizer.from_pretrained(name) if task in ("vqa", "retrieval") else None
+    return PIPELINES[task](model, ImagePreprocessor.for_model(model.config, name), tokenizer, name=name)
