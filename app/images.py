@@ -47,6 +47,9 @@ def open_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
         raise too_large("image has too many pixels") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise bad_request(f"image data is corrupt: {exc}") from exc
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)
-    return image.convert("RGB")
+    try:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise unsupported_media(f"cannot use this image's pixel format ({image.mode}): {exc}") from exc

@@ -190,23 +190,14 @@ async def run(request: Request, svc: TaskService, body, state: dict, item, weigh
 )
 async def vqa(request: Request):
     """Answer a question about an image."""
-    async with observed(request, "vqa") as state:
-        svc = service(request, "vqa")
-        body, raw = await parse(request, schemas.VQARequest, ("image",))
-        check_top_k(request, body.top_k)
-        if len(body.question) > request.app.state.settings.limits.max_question_chars:
-            raise invalid(
-                f"question: at most {request.app.state.settings.limits.max_question_chars} characters"
-            )
-        [image] = load_images(request, raw["image"][:1])
-        length = svc.text_length([body.question])
-        item = VQAItem(svc.pipeline.preprocess([image])[0], body.question, body.top_k, length)
-        plan, answers, trace, info = await run(request, svc, body, state, item)
-        return {
-            "answer": answers[0].label,
-            "answers": [{"label": a.label, "score": a.score} for a in answers],
-            **report(svc, body, plan, trace, info, state["started"]),
-        }
+
+    def item(svc, body, pixels):
+        limit = request.app.state.settings.limits.max_question_chars
+        if len(body.question) > limit:
+            raise invalid(f"question: at most {limit} characters")
+        return VQAItem(pixels, body.question, body.top_k, svc.text_length([body.question]))
+
+    return await labelled(request, "vqa", schemas.VQARequest, item, ("answer", "answers"))
 
 
 @v1.post(
@@ -220,16 +211,25 @@ async def vqa(request: Request):
 )
 async def classify(request: Request):
     """Classify an image."""
-    async with observed(request, "classify") as state:
-        svc = service(request, "classify")
-        body, raw = await parse(request, schemas.ClassifyRequest, ("image",))
+
+    def item(svc, body, pixels):
+        return ClassifyItem(pixels, body.top_k)
+
+    return await labelled(request, "classify", schemas.ClassifyRequest, item, ("label", "labels"))
+
+
+async def labelled(request: Request, task: str, schema, make_item, keys: tuple[str, str]) -> dict:
+    """One image (+ fields) in, top-k scored labels out: VQA and classification."""
+    async with observed(request, task) as state:
+        svc = service(request, task)
+        body, raw = await parse(request, schema, ("image",))
         check_top_k(request, body.top_k)
         [image] = load_images(request, raw["image"][:1])
-        item = ClassifyItem(svc.pipeline.preprocess([image])[0], body.top_k)
+        item = make_item(svc, body, svc.pipeline.preprocess([image])[0])
         plan, labels, trace, info = await run(request, svc, body, state, item)
         return {
-            "label": labels[0].label,
-            "labels": [{"label": a.label, "score": a.score} for a in labels],
+            keys[0]: labels[0].label,
+            keys[1]: [{"label": a.label, "score": a.score} for a in labels],
             **report(svc, body, plan, trace, info, state["started"]),
         }
 

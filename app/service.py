@@ -58,7 +58,7 @@ class TaskService:
         started = time.perf_counter()
         self.pipeline: Pipeline = load_pipeline(task, cfg.checkpoint, device)
         self.method = cfg.method or None
-        self.default_plan = self.plan_for(cfg.default_compression, None)
+        self.plan_for(cfg.default_compression, None)  # a bad default fails at start-up, not per request
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{task}")
         b = settings.batching
         self.batcher = MicroBatcher(
@@ -80,7 +80,7 @@ class TaskService:
 
     def plan_for(self, compression: str | float | None, method: str | None) -> ReductionPlan:
         if compression is None:
-            return self.default_plan
+            compression = self.cfg.default_compression
         return self._resolve(str(compression).strip().lower(), method or self.method)
 
     @lru_cache(maxsize=512)  # noqa: B019 - one service per task, lives as long as the app
@@ -133,7 +133,7 @@ class TaskService:
     def _run_retrieval(self, plan: ReductionPlan, items: list[RetrievalItem], text_length: int):
         pixels = torch.cat([i.pixels for i in items])
         texts = [t for i in items for t in i.texts]
-        out = self.pipeline.pair_scores(pixels, texts, plan, text_length)
+        out = self.pipeline.forward(pixels, texts, plan, text_length)
         logits = out.logits[:, 0].float()
         results, start = [], 0
         for item in items:

@@ -45,7 +45,7 @@ def _evit_layers(num_layers: int) -> tuple[int, ...]:
     return scaled_layers((3, 6, 9), num_layers)
 
 
-def _plan(model: ReducibleModel, method: str, level: str, layers: tuple[LayerSpec, ...]) -> ReductionPlan:
+def _plan(method: str, level: str, layers: tuple[LayerSpec, ...]) -> ReductionPlan:
     return ReductionPlan(method=method, layers=layers, level=level)
 
 
@@ -61,19 +61,17 @@ def named_plan(model: ReducibleModel, level: str, method: str | None = None) -> 
     n = model.num_layers
     if model.family == "vit":
         if method == "evit":
-            return _plan(
-                model, method, level, _at_layers(n, _evit_layers(n), LayerSpec(keep_rate=EVIT_KEEP[level]))
-            )
+            return _plan(method, level, _at_layers(n, _evit_layers(n), LayerSpec(keep_rate=EVIT_KEEP[level])))
         r = round_half_up(R_FRACTION[level] * _vit_unit_r(model))
-        return _plan(model, method, level, (LayerSpec(r=r),) * n)
+        return _plan(method, level, (LayerSpec(r=r),) * n)
     if method == "tome":
         image, text = VILT_MERGE[level]
-        return _plan(model, method, level, (LayerSpec(merge_image=image, merge_text=text),) * n)
+        return _plan(method, level, (LayerSpec(merge_image=image, merge_text=text),) * n)
     layers = scaled_layers(PUMER_LAYERS_OF_12, n)
     if method == "prune":
-        return _plan(model, method, level, _at_layers(n, layers, LayerSpec(prune=VILT_PRUNE[level])))
+        return _plan(method, level, _at_layers(n, layers, LayerSpec(prune=VILT_PRUNE[level])))
     k, r, t = PUMER[level]
-    return _plan(model, method, level, _at_layers(n, layers, LayerSpec(prune=k, merge_image=r, merge_text=t)))
+    return _plan(method, level, _at_layers(n, layers, LayerSpec(prune=k, merge_image=r, merge_text=t)))
 
 
 def candidate_plans(model: ReducibleModel, method: str) -> list[ReductionPlan]:
@@ -83,23 +81,23 @@ def candidate_plans(model: ReducibleModel, method: str) -> list[ReductionPlan]:
         if method == "evit":
             layers = _evit_layers(n)
             return [
-                _plan(model, method, "", _at_layers(n, layers, LayerSpec(keep_rate=keep / 100)))
+                _plan(method, "", _at_layers(n, layers, LayerSpec(keep_rate=keep / 100)))
                 for keep in range(100, 4, -1)
             ]
         max_r = (model.nominal_tokens()[1] - model.protected) // 2
-        return [_plan(model, method, "", (LayerSpec(r=r),) * n) for r in range(max_r + 1)]
+        return [_plan(method, "", (LayerSpec(r=r),) * n) for r in range(max_r + 1)]
     steps = [s / 50 for s in range(0, 201)]  # strength multipliers 0 .. 4 of "medium"
     if method == "tome":
         image, text = VILT_MERGE["medium"]
         specs = [LayerSpec(merge_image=min(image * s, 0.5), merge_text=min(text * s, 0.5)) for s in steps]
-        return [_plan(model, method, "", (spec,) * n) for spec in specs]
+        return [_plan(method, "", (spec,) * n) for spec in specs]
     layers = scaled_layers(PUMER_LAYERS_OF_12, n)
     k, r, t = PUMER["medium"] if method == "pumer" else (VILT_PRUNE["medium"], 0.0, 0.0)
     specs = [
         LayerSpec(prune=min(k * s, 0.95), merge_image=min(r * s, 0.5), merge_text=min(t * s, 0.5))
         for s in steps
     ]
-    return [_plan(model, method, "", _at_layers(n, layers, spec)) for spec in specs]
+    return [_plan(method, "", _at_layers(n, layers, spec)) for spec in specs]
 
 
 def plan_for_target(model: ReducibleModel, target: float, method: str | None = None) -> ReductionPlan:

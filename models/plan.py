@@ -83,7 +83,7 @@ class ReductionPlan:
         return {
             "method": self.method,
             "level": self.level,
-            "layers": {i: s.to_dict() for i, s in enumerate(self.layers) if not s.is_identity},
+            "layers": {str(i): s.to_dict() for i, s in enumerate(self.layers) if not s.is_identity},
             "proportional_attention": self.proportional_attention,
             "weighted_merge": self.weighted_merge,
             **({"order": self.order, "alpha": self.alpha} if self.method == "tcvit" else {}),

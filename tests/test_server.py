@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.settings import CHECKPOINTS
+from app.settings import Settings
 from models.demo import data
 from models.tasks.pipelines import load_pipeline
 
@@ -89,7 +89,7 @@ def test_concurrent_requests_match_direct_calls_and_metrics_add_up(server):
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, cases))
 
-    direct = load_pipeline("vqa", CHECKPOINTS / "vqa")
+    direct = load_pipeline("vqa", Settings().models.vqa.checkpoint)  # what the server loaded
     from models import resolve
 
     with torch.inference_mode():

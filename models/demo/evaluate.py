@@ -83,7 +83,7 @@ def caption_scores(p: Pipeline, split: data.Split, ids: np.ndarray, plan: Reduct
     for start in range(0, len(ids), per_batch):
         chunk = ids[start : start + per_batch]
         pixels = p.preprocess.from_uint8(split.images[chunk]).repeat_interleave(len(captions), dim=0)
-        out = p.pair_scores(pixels, captions * len(chunk), plan)
+        out = p.forward(pixels, captions * len(chunk), plan)
         scores[start : start + len(chunk)] = out.logits[:, 0].view(len(chunk), len(captions)).float().numpy()
     return scores
 

@@ -61,16 +61,19 @@ class Pipeline:
         return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
 
 
-class VQAPipeline(Pipeline):
-    task = "vqa"
-
+class TextImagePipeline(Pipeline):
     def forward(
-        self, pixels: torch.Tensor, questions: list[str], plan: ReductionPlan, length: int | None = None
+        self, pixels: torch.Tensor, texts: list[str], plan: ReductionPlan, length: int | None = None
     ) -> ReducedOutput:
-        text = self.encode_texts(questions, length)
+        """ViLT on aligned pairs (pixels[i], texts[i]), texts padded to `length` tokens."""
+        text = self.encode_texts(texts, length)
         return self.model(
             text["input_ids"], pixels.to(self.device), attention_mask=text["attention_mask"], plan=plan
         )
+
+
+class VQAPipeline(TextImagePipeline):
+    task = "vqa"
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax for single-label heads (the demo models); sigmoid for VQAv2-style multi-label ones."""
@@ -83,25 +86,18 @@ class VQAPipeline(Pipeline):
         return top_labels(self.scores(out.logits.float()), self.labels(), top_k), out.trace
 
 
-class RetrievalPipeline(Pipeline):
-    task = "retrieval"
+class RetrievalPipeline(TextImagePipeline):
+    """forward() gives image-text matching logits (B, 1) of aligned pairs."""
 
-    def pair_scores(
-        self, pixels: torch.Tensor, texts: list[str], plan: ReductionPlan, length: int | None = None
-    ) -> ReducedOutput:
-        """Image-text matching logits of aligned pairs (pixels[i], texts[i]): logits (B, 1)."""
-        text = self.encode_texts(texts, length)
-        return self.model(
-            text["input_ids"], pixels.to(self.device), attention_mask=text["attention_mask"], plan=plan
-        )
+    task = "retrieval"
 
     def rank_texts(self, image, texts: list[str], plan: ReductionPlan):
         pixels = self.preprocess([image]).expand(len(texts), -1, -1, -1)
-        out = self.pair_scores(pixels, texts, plan)
+        out = self.forward(pixels, texts, plan)
         return ranked(out.logits[:, 0].float(), texts), out.trace
 
     def rank_images(self, text: str, images: list, plan: ReductionPlan):
-        out = self.pair_scores(self.preprocess(images), [text] * len(images), plan)
+        out = self.forward(self.preprocess(images), [text] * len(images), plan)
         return ranked(out.logits[:, 0].float(), list(range(len(images)))), out.trace
 
 
