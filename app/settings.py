@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
@@ -19,7 +19,7 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 class ModelSettings(BaseModel):
     """Which checkpoint serves a task: a local folder or a hub id (safetensors weights only)."""
 
-    checkpoint: str
+    checkpoint: str = Field(default="", description="empty: the shipped demo checkpoint of the task")
     enabled: bool = True
     method: str | None = Field(
         default=None, description="reduction method; default: pumer (ViLT), tome (ViT)"
@@ -28,9 +28,17 @@ class ModelSettings(BaseModel):
 
 
 class ModelsSettings(BaseModel):
-    vqa: ModelSettings = ModelSettings(checkpoint=str(CHECKPOINTS / "vqa"))
-    retrieval: ModelSettings = ModelSettings(checkpoint=str(CHECKPOINTS / "retrieval"))
-    classify: ModelSettings = ModelSettings(checkpoint=str(CHECKPOINTS / "classify"))
+    vqa: ModelSettings = ModelSettings()
+    retrieval: ModelSettings = ModelSettings()
+    classify: ModelSettings = ModelSettings()
+
+    @model_validator(mode="after")
+    def _shipped_defaults(self) -> ModelsSettings:
+        for task in ("vqa", "retrieval", "classify"):
+            cfg = getattr(self, task)
+            if not cfg.checkpoint:
+                cfg.checkpoint = str(CHECKPOINTS / task)
+        return self
 
     def enabled(self) -> dict[str, ModelSettings]:
         return {
