@@ -15,7 +15,7 @@ from app import __version__, errors
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics
 from app.routes import ops, v1
-from app.service import TaskService
+from app.service import TaskService, inference_thread
 from app.settings import Settings
 
 log = logging.getLogger("tokenlean")
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, factory: ServiceFactory = defau
 
         async def start() -> None:
             try:
-                await loop.run_in_executor(None, load_services, app, factory)
+                await loop.run_in_executor(inference_thread(), load_services, app, factory)
             except Exception:
                 log.exception("loading models failed")
                 app.state.load_failed = True
@@ -63,7 +63,6 @@ def create_app(settings: Settings | None = None, factory: ServiceFactory = defau
         loader.cancel()
         for svc in app.state.services.values():
             await svc.batcher.close(settings.shutdown_timeout_s)
-            svc.close()
 
     app = FastAPI(
         title="tokenlean",

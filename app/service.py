@@ -47,6 +47,14 @@ class RetrievalItem:
     text_length: int
 
 
+@lru_cache(maxsize=1)
+def inference_thread() -> ThreadPoolExecutor:
+    """The one thread that runs every model call of this process (loading and warm-up included).
+    On a CPU host, torch's OpenMP pool is per calling thread: several threads calling torch keep
+    several pools spinning on the same cores, which doubled the forward time in the server."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+
+
 def metric_level(plan: ReductionPlan, saved: float) -> str:
     """Bounded label: the named level, or the resolved plan's FLOPs saving in tenths."""
     return plan.level if plan.level in LEVELS else f"~{round(saved, 1):.1f}"
@@ -59,11 +67,10 @@ class TaskService:
         self.pipeline: Pipeline = load_pipeline(task, cfg.checkpoint, device)
         self.method = cfg.method or None
         self.plan_for(cfg.default_compression, None)  # a bad default fails at start-up, not per request
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{task}")
         b = settings.batching
         self.batcher = MicroBatcher(
             self._run_batch,
-            self._executor,
+            inference_thread(),
             b.max_batch_size,
             b.max_wait_ms / 1000,
             b.max_queue,
@@ -207,6 +214,3 @@ class TaskService:
         from models.levels import DEFAULT_METHOD
 
         return DEFAULT_METHOD[self.model.family]
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)

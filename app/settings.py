@@ -50,9 +50,9 @@ class ModelsSettings(BaseModel):
 
 class BatchingSettings(BaseModel):
     max_batch_size: int = Field(default=16, ge=1, description="items per model call")
-    max_wait_ms: float = Field(
-        default=1.0, ge=0, description="how long a batch waits to fill when the model is idle"
-    )
+    # 0: an idle model starts at once; batches still form from requests that arrive while a
+    # batch runs. Raise it to trade latency for fuller batches under light load.
+    max_wait_ms: float = Field(default=0.0, ge=0, description="how long a batch waits to fill")
     max_queue: int = Field(default=256, ge=1, description="waiting items per task before 503")
 
 
