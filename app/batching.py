@@ -54,7 +54,7 @@ class MicroBatcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
-        self._running = False  # a batch is in the model
+        self._inflight: list[Pending] = []  # the batch in the model
 
     @property
     def depth(self) -> int:
@@ -78,7 +78,7 @@ class MicroBatcher:
         """Finish what is queued (up to timeout_s), then stop."""
         self._closing = True
         deadline = time.perf_counter() + timeout_s
-        while (self._depth or self._running) and time.perf_counter() < deadline:
+        while (self._depth or self._inflight) and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
@@ -86,10 +86,9 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for queue in self._queues.values():
-            for pending in queue:
-                if not pending.future.done():
-                    pending.future.set_exception(unavailable("the server is shutting down"))
+        for pending in [*self._inflight, *(p for q in self._queues.values() for p in q)]:
+            if not pending.future.done():
+                pending.future.set_exception(unavailable("the server is shutting down"))
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
@@ -136,16 +135,17 @@ class MicroBatcher:
             if not batch:
                 continue
             started = time.perf_counter()
-            self._running = True
+            self._inflight = batch
             try:
                 results = await loop.run_in_executor(self._executor, self._run, key, [p.item for p in batch])
             except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the loop
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
+                self._inflight = []
                 continue
-            finally:
-                self._running = False
+            # (cancelled at shutdown: _inflight stays set, so close() fails these requests)
+            self._inflight = []
             inference_s = time.perf_counter() - started
             waits = [started - p.enqueued for p in batch]
             rows = sum(p.weight for p in batch)

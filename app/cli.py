@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from models.demo.train import CHECKPOINTS
 
-    train = sub.add_parser("train-demo", help="train the demo checkpoints on easy-VQA (CPU, ~30 min)")
+    train = sub.add_parser(
+        "train-demo", help="train the demo checkpoints on easy-VQA (about 40 min on 2 CPU cores)"
+    )
     train.add_argument("--out", default=str(CHECKPOINTS))
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--scale", type=float, default=1.0, help="fraction of the training steps (smoke runs)")

@@ -61,8 +61,8 @@ def create_app(settings: Settings | None = None, factory: ServiceFactory = defau
         yield
         app.state.ready = False
         loader.cancel()
-        for svc in app.state.services.values():
-            await svc.batcher.close(settings.shutdown_timeout_s)
+        services = list(app.state.services.values())
+        await asyncio.gather(*(svc.batcher.close(settings.shutdown_timeout_s) for svc in services))
 
     app = FastAPI(
         title="tokenlean",

@@ -3,17 +3,20 @@ uploads) on the same path; both are described in the OpenAPI document."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
 from contextlib import asynccontextmanager
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import schemas
 from app.errors import APIError, bad_request, invalid, unavailable, unsupported_media
@@ -67,8 +70,8 @@ async def parse(request: Request, model: type[BaseModel], files: tuple[str, ...]
     if content_type == "application/json":
         try:
             payload = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request(f"body is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints, deep nesting
+            raise bad_request(f"body is not valid JSON: {str(exc)[:200]}") from exc
         if not isinstance(payload, dict):
             raise bad_request("body must be a JSON object")
     elif content_type == "multipart/form-data":
@@ -100,18 +103,32 @@ async def parse(request: Request, model: type[BaseModel], files: tuple[str, ...]
     return body, images
 
 
-def load_images(request: Request, raw: list[bytes]):
+async def load_pixels(request: Request, raw: list[bytes], preprocess) -> torch.Tensor:
+    """Decode and resize images one at a time, in a worker thread: the event loop stays free and
+    at most one full-size image is in memory. The pixel budget covers the whole request."""
     limits = request.app.state.settings.limits
-    return [open_image(data, limits.max_upload_bytes, limits.max_image_pixels) for data in raw]
+
+    def work() -> torch.Tensor:
+        budget, tensors = limits.max_request_pixels, []
+        for data in raw:
+            image = open_image(data, limits.max_upload_bytes, min(limits.max_image_pixels, budget))
+            budget -= image.width * image.height
+            tensors.append(preprocess([image]))
+            del image
+        return torch.cat(tensors)
+
+    return await asyncio.to_thread(work)
 
 
 def service(request: Request, task: str) -> TaskService:
-    services = request.app.state.services
-    if task not in services:
-        if request.app.state.ready:
-            raise APIError(404, "not_found", f"no model serves {task!r} on this server")
+    state = request.app.state
+    if state.load_failed:
+        raise unavailable("loading the models failed; see the server log")
+    if not state.ready:
         raise unavailable("models are still loading")
-    return services[task]
+    if task not in state.services:
+        raise APIError(404, "not_found", f"no model serves {task!r} on this server")
+    return state.services[task]
 
 
 def check_top_k(request: Request, top_k: int) -> None:
@@ -161,6 +178,9 @@ async def observed(request: Request, task: str):
         status = f"{exc.status // 100}xx"
         if exc.status == 503 and exc.code == "overloaded":
             request.app.state.metrics.rejected.labels(task).inc()
+        raise
+    except StarletteHTTPException as exc:  # e.g. multipart parsing limits
+        status = f"{exc.status_code // 100}xx"
         raise
     finally:
         m = request.app.state.metrics
@@ -224,8 +244,8 @@ async def labelled(request: Request, task: str, schema, make_item, keys: tuple[s
         svc = service(request, task)
         body, raw = await parse(request, schema, ("image",))
         check_top_k(request, body.top_k)
-        [image] = load_images(request, raw["image"][:1])
-        item = make_item(svc, body, svc.pipeline.preprocess([image])[0])
+        pixels = await load_pixels(request, raw["image"][:1], svc.pipeline.preprocess)
+        item = make_item(svc, body, pixels[0])
         plan, labels, trace, info = await run(request, svc, body, state, item)
         return {
             keys[0]: labels[0].label,
@@ -263,11 +283,12 @@ async def retrieval(request: Request):
             raise invalid(f"texts: at most {limits.max_question_chars} characters each")
         preprocess = svc.pipeline.preprocess
         if body.texts is not None:
-            [image] = load_images(request, raw["image"][:1])
-            pixels = preprocess([image]).expand(len(body.texts), -1, -1, -1)
+            pixels = (await load_pixels(request, raw["image"][:1], preprocess)).expand(
+                len(body.texts), -1, -1, -1
+            )
             item = RetrievalItem(pixels, tuple(body.texts), tuple(body.texts), svc.text_length(texts))
         else:
-            pixels = preprocess(load_images(request, raw["images"]))
+            pixels = await load_pixels(request, raw["images"], preprocess)
             item = RetrievalItem(
                 pixels, (body.text,) * len(pixels), tuple(range(len(pixels))), svc.text_length(texts)
             )
@@ -300,6 +321,8 @@ async def healthz():
 
 @ops.get("/readyz")
 async def readyz(request: Request):
+    if request.app.state.load_failed:
+        return JSONResponse({"status": "failed"}, status_code=503)
     if not request.app.state.ready:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
     return {"status": "ready", "tasks": sorted(request.app.state.services)}

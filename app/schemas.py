@@ -43,8 +43,8 @@ class RetrievalRequest(_Request):
         images_mode = self.text is not None and self.images is not None
         if (
             texts_mode == images_mode
-            or (texts_mode and (self.text or self.images))
-            or (images_mode and (self.image or self.texts))
+            or (texts_mode and (self.text is not None or self.images is not None))
+            or (images_mode and (self.image is not None or self.texts is not None))
         ):
             raise ValueError("send either `image` with `texts`, or `text` with `images`")
         if (self.texts is not None and not self.texts) or (self.images is not None and not self.images):

@@ -88,7 +88,12 @@ class TaskService:
     def plan_for(self, compression: str | float | None, method: str | None) -> ReductionPlan:
         if compression is None:
             compression = self.cfg.default_compression
-        return self._resolve(str(compression).strip().lower(), method or self.method)
+        compression = str(compression).strip().lower()
+        try:  # numeric targets: 3 decimals are plenty, and keep the plan cache bounded
+            compression = f"{round(float(compression), 3):g}"
+        except (ValueError, OverflowError):
+            pass
+        return self._resolve(compression, method or self.method)
 
     @lru_cache(maxsize=512)  # noqa: B019 - one service per task, lives as long as the app
     def _resolve(self, compression: str, method: str | None) -> ReductionPlan:

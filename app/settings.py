@@ -59,7 +59,8 @@ class BatchingSettings(BaseModel):
 class LimitSettings(BaseModel):
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="per image")
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="whole request body")
-    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="per image, read from its header")
+    max_request_pixels: int = Field(default=80_000_000, ge=1, description="all images of one request")
     max_question_chars: int = Field(default=512, ge=1)
     max_candidates: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=20, ge=1)

@@ -123,3 +123,19 @@ def test_a_failing_batch_fails_its_requests_and_the_loop_survives():
         return ok[0]
 
     assert run(scenario()) == 2
+
+
+def test_close_fails_a_batch_still_in_the_model_when_time_runs_out():
+    recorder = Recorder(delay=0.5)
+
+    async def scenario():
+        b = MicroBatcher(recorder, ThreadPoolExecutor(1), max_batch=1, max_wait_s=0.0, max_queue=10)
+        b.start()
+        pending = asyncio.ensure_future(b.submit("p", 0))
+        await asyncio.sleep(0.05)
+        await b.close(0.05)
+        with pytest.raises(APIError) as failed:
+            await asyncio.wait_for(pending, 1)
+        return failed.value
+
+    assert run(scenario()).status == 503

@@ -201,6 +201,16 @@ def test_models_health_and_openapi(client):
         ({"content": b"{broken", "headers": {"content-type": "application/json"}}, 400, "bad_request"),
         ({"content": b"x", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
         (
+            {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}},
+            400,
+            "bad_request",
+        ),
+        (
+            {"content": b'{"top_k": ' + b"1" * 5000 + b"}", "headers": {"content-type": "application/json"}},
+            400,
+            "bad_request",
+        ),
+        (
             {"content": b"x" * 2_000_001, "headers": {"content-type": "application/json"}},
             413,
             "payload_too_large",
@@ -321,3 +331,27 @@ def test_numpy_random_images_of_any_size_are_accepted(client):
     image.save(buf, "JPEG")
     r = client.post("/v1/classify", files={"image": ("x.jpg", buf.getvalue(), "image/jpeg")})
     assert r.status_code == 200
+
+
+def test_a_failed_load_is_reported_and_requests_get_503():
+    def broken(task, settings, metrics):
+        raise RuntimeError("no such checkpoint")
+
+    with TestClient(create_app(Settings(), broken)) as c:
+        for _ in range(100):
+            if c.get("/readyz").json()["status"] == "failed":
+                break
+            time.sleep(0.02)
+        assert c.get("/readyz").json() == {"status": "failed"}
+        assert c.post("/v1/classify", json={"image": B64}).status_code == 503
+
+
+def test_many_large_images_in_one_request_are_refused_by_the_pixel_budget():
+    big = base64.b64encode(png_bytes(size=(3000, 3000))).decode()
+    with make_client(
+        limits={"max_request_pixels": 20_000_000},
+        models={"vqa": {"enabled": False}, "classify": {"enabled": False}},
+    ) as c:
+        wait_ready(c)
+        r = c.post("/v1/retrieval", json={"text": "a red circle", "images": [big] * 3})
+        assert r.status_code == 413

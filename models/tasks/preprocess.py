@@ -41,8 +41,11 @@ class ImagePreprocessor:
         return np.asarray(image, dtype=np.float32) / 255.0
 
     def __call__(self, images: list) -> torch.Tensor:
+        """PIL images or arrays -> (B, 3, size, size). Normalised in numpy: this runs outside the
+        inference thread, where torch would start another OpenMP pool."""
         batch = np.stack([self.to_array(im) for im in images])
-        return self.normalize(torch.from_numpy(batch).permute(0, 3, 1, 2))
+        batch = (batch - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> normalised."""
