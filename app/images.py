@@ -53,3 +53,12 @@ def open_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
         return image.convert("RGB")
     except (OSError, ValueError) as exc:
         raise unsupported_media(f"cannot use this image's pixel format ({image.mode}): {exc}") from exc
+
+
+def header_pixels(data: bytes) -> int:
+    """Pixel count announced by the image header (0 when unreadable; open_image reports why)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            return image.width * image.height
+    except Exception:  # noqa: BLE001 - any failure is reported properly by open_image
+        return 0

@@ -20,10 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import schemas
 from app.errors import APIError, bad_request, invalid, unavailable, unsupported_media
-from app.images import decode_base64, open_image
+from app.images import decode_base64, header_pixels, open_image
 from app.service import ClassifyItem, RetrievalItem, TaskService, VQAItem
 from models.plan import ReductionPlan
 
+INLINE_PIXELS = 1_000_000  # images up to this many pixels in total are decoded on the event loop
 PNG_EXAMPLE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 
 
@@ -117,6 +118,8 @@ async def load_pixels(request: Request, raw: list[bytes], preprocess) -> torch.T
             del image
         return torch.cat(tensors)
 
+    if sum(header_pixels(data) for data in raw) <= INLINE_PIXELS:
+        return work()  # small images: decoding takes less than the hop to a thread
     return await asyncio.to_thread(work)
 
 
