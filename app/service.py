@@ -105,6 +105,7 @@ class TaskService:
                 f"compression/method: {exc}. Allowed compression: {ALLOWED}; methods: {methods}"
             ) from exc
 
+    @lru_cache(maxsize=512)  # noqa: B019 - per request on the hot path; plans are few and hashable
     def level_label(self, plan: ReductionPlan) -> str:
         return metric_level(plan, 1 - self.model.flops(plan) / self.model.flops(NO_REDUCTION))
 

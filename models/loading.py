@@ -9,6 +9,10 @@ from torch import nn
 from models import reducible
 from models.families import ReducibleModel
 
+VIT_SMALL = dict(
+    hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_labels=1000
+)
+
 # Full-size architectures with random weights: the shapes that decide speed, not accuracy.
 RANDOM_CONFIGS = {
     "random:vilt-b32": (
@@ -19,25 +23,13 @@ RANDOM_CONFIGS = {
     "random:vit-s16": (
         "ViTForImageClassification",
         transformers.ViTConfig,
-        dict(
-            hidden_size=384,
-            num_hidden_layers=12,
-            num_attention_heads=6,
-            intermediate_size=1536,
-            num_labels=1000,
-        ),
+        VIT_SMALL,
     ),
     "random:vit-b16": ("ViTForImageClassification", transformers.ViTConfig, dict(num_labels=1000)),
     "random:deit-s16": (
         "DeiTForImageClassificationWithTeacher",
         transformers.DeiTConfig,
-        dict(
-            hidden_size=384,
-            num_hidden_layers=12,
-            num_attention_heads=6,
-            intermediate_size=1536,
-            num_labels=1000,
-        ),
+        VIT_SMALL,
     ),
 }
 
