@@ -112,7 +112,10 @@ class ViltTransformer(ReducibleModel):
         plan: ReductionPlan = NO_REDUCTION,
         track_source: bool = False,
         image_token_type_idx: int = 1,
+        always_mask: bool = False,
     ) -> ReducedOutput:
+        """always_mask: apply attention_mask even when it masks nothing (graph export: the same graph
+        then serves padded and unpadded batches, with no branch on the mask's values)."""
         self.check_plan(plan)
         if input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError("input_ids and pixel_values must have the same batch size")
@@ -121,7 +124,7 @@ class ViltTransformer(ReducibleModel):
         )
         n_text = input_ids.shape[1]
         valid = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and (always_mask or not bool(attention_mask.all())):
             image_valid = torch.ones(x.shape[0], x.shape[1] - n_text, dtype=torch.bool, device=x.device)
             valid = torch.cat([attention_mask.bool(), image_valid], dim=1)
         tokens = initial_tokens(x, valid=valid, n_text=n_text, track_source=track_source)

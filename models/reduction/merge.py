@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from models.reduction.ranking import split_top_k
+
 # Similarity given to pairs that must not merge (a padding token and a real one). Finite, so a
 # forced merge still picks the least bad pair instead of producing NaNs.
 FORBIDDEN_SCORE = -1e4
@@ -60,9 +62,7 @@ def bipartite_soft_matching(
         scores = scores.masked_fill(mismatch, FORBIDDEN_SCORE)
 
     best_score, best_dst = scores.max(dim=-1)
-    order = torch.sort(best_score, dim=-1, descending=True, stable=True).indices
-    src = order[:, :r]
-    unmerged = torch.sort(order[:, r:], dim=-1).values
+    src, unmerged = split_top_k(best_score, r)
     dst = best_dst.gather(1, src)
     return Matching(protected, unmerged[..., None], src[..., None], dst[..., None])
 

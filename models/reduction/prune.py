@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from models.reduction.ranking import split_top_k
+
 
 def gather_tokens(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
     """Select tokens `index` (B, K) along dim 1 of t (B, N, ...)."""
@@ -28,16 +30,15 @@ def text_to_image_saliency(text_probs: torch.Tensor, text_valid: torch.Tensor | 
 
 def top_k_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores per row, returned in ascending position order."""
-    return split_by_score(score, k)[0]
+    return split_top_k(score, k)[0]
 
 
 def split_by_score(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices of the k highest scores in position order, indices of the others) per row.
+    """(indices of the k highest scores, indices of the others) per row, in position order.
 
-    Ties break by position, so the split is deterministic.
+    Ties break by position, so the split is deterministic (and the same after export).
     """
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    return torch.sort(order[:, :k], dim=-1).values, order[:, k:]
+    return split_top_k(score, k)
 
 
 def prune_count(num_tokens: int, ratio: float) -> int:

@@ -1,0 +1,35 @@
+"""Deterministic top-k splits built from comparisons, cumsum and scatter only.
+
+`torch.sort(stable=True)` has no ONNX equivalent, and ONNX TopK and torch.topk may break ties
+differently, so the reducers rank tokens here instead: a token's rank is the number of tokens
+with a higher score, plus the number of earlier tokens with an equal one (a stable descending
+sort). The result is an exact permutation, the same in eager mode, TorchScript and ONNX Runtime.
+The pairwise comparison is O(N^2) booleans per row, cheap next to the attention that produced
+the scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def descending_rank(score: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry of score (B, N) in a stable descending sort: 0 for the highest."""
+    position = torch.arange(score.shape[-1], device=score.device)
+    other, this = score[:, None, :], score[:, :, None]
+    earlier = position[None, :] < position[:, None]
+    ahead = (other > this) | ((other == this) & earlier)
+    return ahead.sum(dim=-1)
+
+
+def split_top_k(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices of the k highest scores, indices of the others) per row, both in position order.
+
+    Ties break by position: of equal scores, the earlier token counts as higher.
+    """
+    chosen = (descending_rank(score) < k).long()
+    # Slot of each token in the output: chosen tokens first, then the others, each in position order.
+    slot = torch.where(chosen.bool(), chosen.cumsum(dim=-1) - 1, k + (1 - chosen).cumsum(dim=-1) - 1)
+    position = torch.arange(score.shape[-1], device=score.device).expand_as(slot)
+    order = torch.empty_like(slot).scatter(-1, slot, position)
+    return order[:, :k], order[:, k:]
