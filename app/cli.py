@@ -54,7 +54,7 @@ def train_demo_command(args: argparse.Namespace) -> None:
     """Train the three demo checkpoints from scratch on easy-VQA."""
     from models.demo.train import train_demo
 
-    report = train_demo(Path(args.out), seed=args.seed, scale=args.scale)
+    report = train_demo(Path(args.out), seed=args.seed, scale=args.scale, only=args.only)
     print(json.dumps(report["seconds"], indent=2))
 
 
@@ -70,6 +70,29 @@ def eval_command(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
+
+
+def export_command(args: argparse.Namespace) -> None:
+    """Export one graph per compression level (and question length) plus manifest.json."""
+    from exporters.export import export_task
+    from models.demo.train import CHECKPOINTS
+
+    levels = tuple(level.strip() for level in args.levels.split(",") if level.strip())
+    lengths = [int(n) for n in args.text_lengths.split(",")] if args.text_lengths else None
+    manifest = export_task(
+        args.task,
+        args.model or str(CHECKPOINTS / args.task),
+        args.out,
+        fmt=args.format,
+        levels=levels,
+        method=args.method,
+        lengths=lengths,
+        opset=args.opset,
+    )
+    for g in manifest.graphs:
+        text = f" text {g.text_length:>3}" if g.text_length else ""
+        print(f"{g.file:<28} {g.level:>6}{text}  saved {g.flops_saved:>5.1%}  sha256 {g.sha256[:12]}")
+    print(f"wrote {Path(args.out) / 'manifest.json'}")
 
 
 def serve(argv: list[str]) -> None:
@@ -121,11 +144,31 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--out", default=str(CHECKPOINTS))
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--scale", type=float, default=1.0, help="fraction of the training steps (smoke runs)")
+    train.add_argument(
+        "--only", choices=("lookupvit",), default=None, help="train only this checkpoint (needs out/classify)"
+    )
     train.set_defaults(func=train_demo_command)
+
+    from exporters.export import DEFAULT_OPSET, FORMATS
+
+    ex = sub.add_parser("export", help="export ONNX or TorchScript graphs, one per compression level")
+    ex.add_argument("--task", required=True, choices=("vqa", "retrieval", "classify"))
+    ex.add_argument("--levels", default="none,low,medium,high", help="comma-separated level names")
+    ex.add_argument("--format", default="onnx", choices=FORMATS)
+    ex.add_argument("--out", required=True, help="output folder (graphs, manifest.json, tokenizer)")
+    ex.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the demo one)")
+    ex.add_argument("--method", default=None, help="reduction method (default: pumer for ViLT, tome for ViT)")
+    ex.add_argument(
+        "--text-lengths", default=None, help="ViLT question lengths, e.g. 40 (default: every multiple of 8)"
+    )
+    ex.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    ex.set_defaults(func=export_command)
 
     ev = sub.add_parser("eval", help="accuracy on the easy-VQA test split at every compression level")
     ev.add_argument(
-        "checkpoint", nargs="*", default=[str(CHECKPOINTS / t) for t in ("vqa", "retrieval", "classify")]
+        "checkpoint",
+        nargs="*",
+        default=[str(CHECKPOINTS / t) for t in ("vqa", "retrieval", "classify", "classify-lookupvit")],
     )
     ev.add_argument("--method", action="append", help="only these methods (default: all that apply)")
     ev.add_argument("--limit", type=int, default=None, help="first N test items only")

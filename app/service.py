@@ -16,7 +16,7 @@ from app.batching import BatchInfo, MicroBatcher
 from app.errors import invalid
 from app.metrics import Metrics
 from app.settings import ModelSettings, Settings
-from models import NO_REDUCTION, ReductionPlan, resolve
+from models import NO_REDUCTION, ReductionPlan, named_plan, resolve
 from models.plan import LEVELS
 from models.tasks.pipelines import Pipeline, load_pipeline, ranked, top_labels
 
@@ -64,8 +64,16 @@ class TaskService:
     def __init__(self, task: str, cfg: ModelSettings, settings: Settings, metrics: Metrics, device: str):
         self.task, self.cfg, self.settings, self.metrics = task, cfg, settings, metrics
         started = time.perf_counter()
-        self.pipeline: Pipeline = load_pipeline(task, cfg.checkpoint, device)
+        self.pipeline: Pipeline = load_pipeline(
+            task, cfg.checkpoint, device, settings.backend, cfg.export_dir or None
+        )
         self.method = cfg.method or None
+        self.graphs = self.pipeline.graphs
+        if self.graphs is not None:
+            exported = self.graphs.manifest.method
+            if self.method not in (None, exported):
+                raise ValueError(f"{task}: method {self.method} configured, but the graphs use {exported}")
+            self.method = exported
         self.plan_for(cfg.default_compression, None)  # a bad default fails at start-up, not per request
         b = settings.batching
         self.batcher = MicroBatcher(
@@ -98,12 +106,34 @@ class TaskService:
     @lru_cache(maxsize=512)  # noqa: B019 - one service per task, lives as long as the app
     def _resolve(self, compression: str, method: str | None) -> ReductionPlan:
         try:
-            return resolve(self.model, compression, method)
+            plan = resolve(self.model, compression, method)
+            return plan if self.graphs is None else self._snap(plan)
         except ValueError as exc:
             methods = ", ".join(self.model.methods)
             raise invalid(
                 f"compression/method: {exc}. Allowed compression: {ALLOWED}; methods: {methods}"
             ) from exc
+
+    def levels(self) -> list[str]:
+        """Levels this service can run: all of them eagerly, the exported ones on a graph backend."""
+        return list(LEVELS) if self.graphs is None else self.graphs.levels()
+
+    def _snap(self, plan: ReductionPlan) -> ReductionPlan:
+        """A graph backend runs exported levels only: a named level must be one of them, and a
+        numeric target runs at the exported level whose FLOPs saving is closest."""
+        exported, method = self.graphs.levels(), self.graphs.manifest.method
+        if plan.method not in ("none", method):
+            raise ValueError(f"the {self.settings.backend} graphs were exported with {method} only")
+        if plan.level in LEVELS:
+            if plan.level not in exported:
+                raise ValueError(
+                    f"level {plan.level!r} was not exported; exported levels: {', '.join(exported)}"
+                )
+            return plan
+        full = self.model.flops(NO_REDUCTION)
+        saved = 1 - self.model.flops(plan) / full
+        candidates = [named_plan(self.model, level, method) for level in exported]
+        return min(candidates, key=lambda p: abs(1 - self.model.flops(p) / full - saved))
 
     @lru_cache(maxsize=512)  # noqa: B019 - per request on the hot path; plans are few and hashable
     def level_label(self, plan: ReductionPlan) -> str:
@@ -126,32 +156,30 @@ class TaskService:
 
     def _run_vqa(self, plan: ReductionPlan, items: list[VQAItem], text_length: int):
         p = self.pipeline
-        out = p.forward(
+        logits, trace = p.run(
             torch.stack([i.pixels for i in items]), [i.question for i in items], plan, text_length
         )
-        scores = p.scores(out.logits.float())
+        scores = p.scores(logits.float())
         labels = p.labels()
         answers = [top_labels(s[None], labels, i.top_k)[0] for s, i in zip(scores, items, strict=True)]
-        return [(a, out.trace) for a in answers]
+        return [(a, trace) for a in answers]
 
     def _run_classify(self, plan: ReductionPlan, items: list[ClassifyItem], text_length: int = 0):
         p = self.pipeline
-        out = p.model(torch.stack([i.pixels for i in items]).to(p.device), plan=plan)
-        scores = out.logits.float().softmax(-1)
+        logits, trace = p.run(torch.stack([i.pixels for i in items]), plan)
+        scores = logits.float().softmax(-1)
         labels = p.labels()
-        return [
-            (top_labels(s[None], labels, i.top_k)[0], out.trace) for s, i in zip(scores, items, strict=True)
-        ]
+        return [(top_labels(s[None], labels, i.top_k)[0], trace) for s, i in zip(scores, items, strict=True)]
 
     def _run_retrieval(self, plan: ReductionPlan, items: list[RetrievalItem], text_length: int):
         pixels = torch.cat([i.pixels for i in items])
         texts = [t for i in items for t in i.texts]
-        out = self.pipeline.forward(pixels, texts, plan, text_length)
-        logits = out.logits[:, 0].float()
+        logits, trace = self.pipeline.run(pixels, texts, plan, text_length)
+        logits = logits[:, 0].float()
         results, start = [], 0
         for item in items:
             n = len(item.texts)
-            results.append((ranked(logits[start : start + n], list(item.candidates)), out.trace))
+            results.append((ranked(logits[start : start + n], list(item.candidates)), trace))
             start += n
         return results
 
@@ -177,7 +205,7 @@ class TaskService:
         size = self.pipeline.preprocess.size
         pixels = torch.zeros(1, 3, size, size)
         with torch.inference_mode():
-            for level in LEVELS:
+            for level in self.levels():
                 plan = self.plan_for(level, None)
                 if self.task == "classify":
                     self._run_classify(plan, [ClassifyItem(pixels[0], 1)])
@@ -191,7 +219,7 @@ class TaskService:
     def describe(self) -> dict:
         full = self.model.flops(NO_REDUCTION)
         levels = {}
-        for level in LEVELS:
+        for level in self.levels():
             plan = self.plan_for(level, None)
             levels[level] = {
                 "flops": self.model.flops(plan),

@@ -25,6 +25,9 @@ class ModelSettings(BaseModel):
         default=None, description="reduction method; default: pumer (ViLT), tome (ViT)"
     )
     default_compression: str = Field(default="none", description="level name or FLOPs fraction in [0, 0.9]")
+    export_dir: str = Field(
+        default="", description="backend onnx/torchscript: folder written by `tokenlean export` for this task"
+    )
 
 
 class ModelsSettings(BaseModel):
@@ -78,7 +81,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["torch"] = "torch"
+    backend: Literal["torch", "torchscript", "onnx"] = Field(
+        default="torch", description="eager PyTorch, or the exported graphs in each task's export_dir"
+    )
     models: ModelsSettings = ModelsSettings()
     batching: BatchingSettings = BatchingSettings()
     limits: LimitSettings = LimitSettings()
