@@ -64,10 +64,12 @@ def export_onnx(graph: PlanGraph, example: tuple[torch.Tensor, ...], path: Path,
 
 
 def export_torchscript(graph: PlanGraph, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    # Tracer warnings about Python ints are expected (token counts are static), and TorchScript's
+    # deprecation notice is known: libtorch deployments still load these files.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python ints: token counts are static
+        warnings.simplefilter("ignore")
         traced = torch.jit.trace(graph, example, check_trace=False)
-    torch.jit.save(traced, str(path))
+        torch.jit.save(traced, str(path))
 
 
 def tensor_specs(names, tensors) -> list[TensorSpec]:

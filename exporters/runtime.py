@@ -6,6 +6,7 @@ the manifest's hashes.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,12 @@ class OnnxGraph:
         import onnxruntime as ort
 
         self.providers = onnx_providers(device, ort.get_available_providers())
-        self.session = ort.InferenceSession(str(path), providers=self.providers)
+        options = ort.SessionOptions()
+        # As many threads as torch uses, and no spin-waiting between calls: spinning threads
+        # would take the cores from the event loop, image decoding and any eager model.
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=self.providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -40,7 +46,9 @@ class OnnxGraph:
 class TorchScriptGraph:
     def __init__(self, path: Path, device: str):
         self.device = torch.device(device)
-        self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still served
+            self.module = torch.jit.load(str(path), map_location=self.device).eval()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -81,3 +89,21 @@ class GraphSet:
         if graph is None:
             raise ManifestError(f"{self.folder}: no graph for level {level!r} at text length {text_length}")
         return graph(*inputs)
+
+
+def check_compatible(manifest: Manifest, task: str, model) -> None:
+    """Refuse graphs that were exported for another task, from other weights, or with level
+    definitions that no longer match this version's plans."""
+    from exporters.manifest import weights_sha256
+    from models import named_plan
+
+    if manifest.task != task:
+        raise ManifestError(f"the export folder holds {manifest.task} graphs, not {task}")
+    if manifest.weights_sha256 != weights_sha256(model.model):
+        raise ManifestError(
+            f"the graphs were exported from other weights ({manifest.model}) than the checkpoint "
+            "being served; export again from this checkpoint"
+        )
+    for g in manifest.graphs:
+        if named_plan(model, g.level, manifest.method).to_dict() != g.plan:
+            raise ManifestError(f"level {g.level!r} of {manifest.method} is defined differently now")
