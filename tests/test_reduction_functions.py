@@ -136,18 +136,38 @@ def test_connectivity_sums_attention_paths_up_to_order_k():
     torch.testing.assert_close(connectivity(w, 3), w + w @ w + w @ w @ w)
 
 
-def test_condense_fuses_each_dropped_token_into_its_most_connected_kept_token():
-    x, size = _tokens(b=1, n=6, c=4)
-    probs = torch.full((1, 6, 6), 0.01)
-    probs[0, 0, 1] = probs[0, 0, 2] = 0.45  # the class token attends to 1 and 2: they are kept
-    probs[0, 3:, 2] = 0.9  # tokens 3..5 attend to 2: they fuse into 2
-    probs = probs / probs.sum(-1, keepdim=True)
-    out, new_size, _ = condense(x, size, None, probs, r=3, protected=1, alpha=0.0)
+def _hub_attention() -> torch.Tensor:
+    """Every query attends most to token 1 (a hub); tokens 2..6 attend alike (0.6 to token 1, 0.3 to
+    token 2), token 1 to itself. The class token attends to 1 and 2, so at alpha 0 they are kept."""
+    probs = torch.full((1, 7, 7), 0.01)
+    probs[0, 0, 1] = probs[0, 0, 2] = 0.45
+    probs[0, 1, 1] = 0.9
+    probs[0, 2:, 1] = 0.6
+    probs[0, 2:, 2] = 0.3
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def _fused(x, size, members):
+    return (x[0, members] * size[0, members, None]).sum(0) / size[0, members].sum()
+
+
+def test_condense_fuses_each_dropped_token_into_the_kept_token_with_its_connections():
+    x, size = _tokens(b=1, n=7, c=4)
+    out, new_size, _ = condense(x, size, None, _hub_attention(), r=4, protected=1, alpha=0.0)
     assert out.shape[1] == 3
-    torch.testing.assert_close(out[:, :2], x[:, :2])
-    fused = (x[0, [2, 3, 4, 5]] * size[0, [2, 3, 4, 5], None]).sum(0) / size[0, [2, 3, 4, 5]].sum()
-    torch.testing.assert_close(out[0, 2], fused)
+    torch.testing.assert_close(out[:, :2], x[:, :2])  # the hub absorbs nothing
+    torch.testing.assert_close(out[0, 2], _fused(x, size, [2, 3, 4, 5, 6]))
     torch.testing.assert_close(new_size.sum(), size.sum())
+
+
+def test_condense_direct_fusion_sends_every_dropped_token_to_the_hub():
+    x, size = _tokens(b=1, n=7, c=4)
+    out, new_size, _ = condense(x, size, None, _hub_attention(), r=4, protected=1, alpha=0.0, fusion="direct")
+    torch.testing.assert_close(out[0, 1], _fused(x, size, [1, 3, 4, 5, 6]))
+    torch.testing.assert_close(out[0, 2], x[0, 2])
+    torch.testing.assert_close(new_size.sum(), size.sum())
+    with pytest.raises(ValueError):
+        condense(x, size, None, _hub_attention(), r=4, fusion="nearest")
 
 
 def test_evit_keeps_attentive_tokens_and_fuses_the_rest_into_one():

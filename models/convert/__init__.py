@@ -1,0 +1,1 @@
+"""Converters that turn weights shipped in other formats into Hugging Face models."""
