@@ -156,6 +156,8 @@ def report(svc: TaskService, body, plan: ReductionPlan, trace, info, started: fl
             "per_layer": t["tokens_per_layer"],
             "text_per_layer": t.get("text_tokens_per_layer"),
             "image_per_layer": t.get("image_tokens_per_layer"),
+            "lookup_per_layer": t.get("lookup_tokens_per_layer"),
+            "compressed_per_layer": t.get("compressed_tokens_per_layer"),
             "kept_ratio": t["kept_ratio"],
         },
         "flops": {"reduced": trace.flops, "full": trace.full_flops, "saved": t["flops_saved"]},

@@ -75,6 +75,10 @@ class TokensReport(BaseModel):
     per_layer: list[int] = Field(description="tokens entering each layer, then after the last")
     text_per_layer: list[int] | None = None
     image_per_layer: list[int] | None = None
+    lookup_per_layer: list[int] | None = Field(default=None, description="LookupViT: lookup tokens (N)")
+    compressed_per_layer: list[int] | None = Field(
+        default=None, description="LookupViT: compressed tokens (M); kept_ratio is M / N"
+    )
     kept_ratio: float
 
 

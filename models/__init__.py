@@ -2,7 +2,8 @@
 
 from torch import nn
 
-from models.families import ReducedOutput, ReducibleModel, ViltTransformer, VisionTransformer
+from models.families import LookupViT, ReducedOutput, ReducibleModel, ViltTransformer, VisionTransformer
+from models.families import lookupvit as _lookupvit
 from models.families import vilt as _vilt
 from models.families import vision as _vision
 from models.levels import named_plan, plan_for_target, resolve
@@ -17,7 +18,10 @@ def reducible(model: nn.Module) -> ReducibleModel:
         return ViltTransformer(model)
     if name in _vision.SUPPORTED:
         return VisionTransformer(model)
-    raise TypeError(f"{name} is not supported; supported: {sorted((*_vilt.SUPPORTED, *_vision.SUPPORTED))}")
+    if name in _lookupvit.SUPPORTED:
+        return LookupViT(model)
+    supported = sorted((*_vilt.SUPPORTED, *_vision.SUPPORTED, *_lookupvit.SUPPORTED))
+    raise TypeError(f"{name} is not supported; supported: {supported}")
 
 
 __all__ = [

@@ -6,12 +6,14 @@ candidate plan of the method whose analytic FLOPs (at the model's nominal input)
 
 from __future__ import annotations
 
+import dataclasses
+
 from models.families.base import ReducibleModel
 from models.plan import LEVELS, NO_REDUCTION, LayerSpec, ReductionPlan
 from models.reduction.prune import round_half_up
 
 MAX_TARGET = 0.9
-DEFAULT_METHOD = {"vit": "tome", "vilt": "pumer"}
+DEFAULT_METHOD = {"vit": "tome", "vilt": "pumer", "lookupvit": "lookupvit"}
 
 # ToMe / TC-ViT: r per layer = fraction x (unprotected tokens / layers). "high" on a 197-token,
 # 12-layer ViT is r = 13, the setting the ToMe paper reports.
@@ -25,6 +27,9 @@ PUMER_LAYERS_OF_12 = (2, 5, 8)
 VILT_MERGE = {"low": (0.04, 0.03), "medium": (0.08, 0.06), "high": (0.12, 0.09)}
 # Prune-only: PuMer's text-informed pruning alone, at PuMer's layers.
 VILT_PRUNE = {"low": 0.15, "medium": 0.3, "high": 0.45}
+# LookupViT: the trained compressed grid whose FLOPs saving (against the model's highest-fidelity
+# grid, level none) is closest to these; "high" is the smallest trained grid.
+LOOKUPVIT_SAVED = {"low": 0.25, "medium": 0.5}
 
 
 def scaled_layers(layers_of_12: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
@@ -49,6 +54,22 @@ def _plan(method: str, level: str, layers: tuple[LayerSpec, ...]) -> ReductionPl
     return ReductionPlan(method=method, layers=layers, level=level)
 
 
+def _lookupvit_plans(model: ReducibleModel) -> list[ReductionPlan]:
+    """The unreduced model (its highest-fidelity grid), then each smaller trained grid."""
+    smaller = sorted((g for g in model.grids if g < model.full_grid), reverse=True)
+    return [NO_REDUCTION] + [ReductionPlan(method="lookupvit", grid=g) for g in smaller]
+
+
+def _lookupvit_level(model: ReducibleModel, level: str) -> ReductionPlan:
+    plans = _lookupvit_plans(model)
+    if level == "high":
+        best = plans[-1]
+    else:
+        full = model.flops(NO_REDUCTION)
+        best = min(plans, key=lambda p: abs(1 - model.flops(p) / full - LOOKUPVIT_SAVED[level]))
+    return dataclasses.replace(best, level=level)
+
+
 def named_plan(model: ReducibleModel, level: str, method: str | None = None) -> ReductionPlan:
     """The plan of a named level (`none`, `low`, `medium`, `high`) for this model and method."""
     method = method or DEFAULT_METHOD[model.family]
@@ -58,6 +79,8 @@ def named_plan(model: ReducibleModel, level: str, method: str | None = None) -> 
         raise ValueError(f"{method!r} does not apply to {model.family}; use one of {model.methods}")
     if level == "none":
         return NO_REDUCTION
+    if model.family == "lookupvit":
+        return _lookupvit_level(model, level)
     n = model.num_layers
     if model.family == "vit":
         if method == "evit":
@@ -76,6 +99,8 @@ def named_plan(model: ReducibleModel, level: str, method: str | None = None) -> 
 
 def candidate_plans(model: ReducibleModel, method: str) -> list[ReductionPlan]:
     """Plans of increasing strength a numeric target chooses from (level set by the caller)."""
+    if model.family == "lookupvit":
+        return _lookupvit_plans(model)
     n = model.num_layers
     if model.family == "vit":
         if method == "evit":
@@ -113,7 +138,7 @@ def plan_for_target(model: ReducibleModel, target: float, method: str | None = N
     best = min(candidate_plans(model, method), key=lambda p: abs(1 - model.flops(p) / full - target))
     if best.removes_nothing:
         return NO_REDUCTION
-    return ReductionPlan(method=best.method, layers=best.layers, level=f"{target:g}")
+    return dataclasses.replace(best, level=f"{target:g}")
 
 
 def resolve(model: ReducibleModel, compression: str | float, method: str | None = None) -> ReductionPlan:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import transformers
 from torch import nn
 
-from models import reducible
+from models import lookupvit, reducible
 from models.families import ReducibleModel
 
 VIT_SMALL = dict(
@@ -42,11 +42,14 @@ def load_model(name_or_path: str, seed: int = 0) -> nn.Module:
         cls_name, config_cls, kwargs = RANDOM_CONFIGS[name_or_path]
         torch.manual_seed(seed)
         return getattr(transformers, cls_name)(config_cls(**kwargs)).eval()
+    # models.lookupvit registered its config with AutoConfig when imported (above).
     config = transformers.AutoConfig.from_pretrained(name_or_path)
     architectures = config.architectures or []
-    if not architectures or not hasattr(transformers, architectures[0]):
-        raise ValueError(f"{name_or_path}: config names no transformers architecture ({architectures})")
-    cls = getattr(transformers, architectures[0])
+    cls = None
+    if architectures:
+        cls = getattr(transformers, architectures[0], None) or lookupvit.ARCHITECTURES.get(architectures[0])
+    if cls is None:
+        raise ValueError(f"{name_or_path}: config names no supported architecture ({architectures})")
     return cls.from_pretrained(name_or_path, use_safetensors=True).eval()
 
 

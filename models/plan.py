@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 # Methods and the model families they apply to.
 VIT_METHODS = ("tome", "tcvit", "evit")
 VILT_METHODS = ("pumer", "tome", "prune")
-METHODS = ("none", *sorted(set(VIT_METHODS + VILT_METHODS)))
+# LookupViT's compression is its own architecture's compressed grid, not a reducer.
+LOOKUPVIT_METHODS = ("lookupvit",)
+METHODS = ("none", *sorted(set(VIT_METHODS + VILT_METHODS + LOOKUPVIT_METHODS)))
 LEVELS = ("none", "low", "medium", "high")
 
 
@@ -53,6 +55,7 @@ class ReductionPlan:
 
     proportional_attention: add log(size) of each key to the attention logits (ToMe).
     weighted_merge: merged tokens are size-weighted means; False is PuMer's plain mean.
+    grid: LookupViT only: side of the compressed-token grid (grid x grid tokens); no layers.
     """
 
     method: str = "none"
@@ -63,6 +66,7 @@ class ReductionPlan:
     # TC-ViT parameters: connectivity order K and the connectivity/dominance mix alpha.
     order: int = field(default=1)
     alpha: float = field(default=0.5)
+    grid: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,9 +75,15 @@ class ReductionPlan:
             raise ValueError("connectivity order must be >= 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError("alpha must be in [0, 1]")
+        if (self.method == "lookupvit") != (self.grid > 0):
+            raise ValueError("a lookupvit plan needs a grid >= 1, and only a lookupvit plan has one")
 
     @property
     def removes_nothing(self) -> bool:
+        """A lookupvit plan names a compressed grid, which is never the unreduced model (that is
+        NO_REDUCTION: the model's highest-fidelity grid)."""
+        if self.method == "lookupvit":
+            return False
         return self.method == "none" or all(spec.is_identity for spec in self.layers)
 
     def spec(self, layer: int) -> LayerSpec:
@@ -87,6 +97,7 @@ class ReductionPlan:
             "proportional_attention": self.proportional_attention,
             "weighted_merge": self.weighted_merge,
             **({"order": self.order, "alpha": self.alpha} if self.method == "tcvit" else {}),
+            **({"grid": self.grid} if self.method == "lookupvit" else {}),
         }
 
 

@@ -10,6 +10,7 @@ from app.settings import CHECKPOINTS
 from models import NO_REDUCTION, named_plan
 from models.demo import data
 from models.demo.evaluate import caption_scores
+from models.plan import LEVELS
 from models.tasks.pipelines import load_pipeline
 
 SLICE = slice(0, 400)
@@ -24,7 +25,7 @@ def test_checkpoints_are_small_safetensors_only():
     files = [f for f in CHECKPOINTS.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 25 * 1024 * 1024
     assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
-    for task in ("vqa", "retrieval", "classify"):
+    for task in ("vqa", "retrieval", "classify", "classify-lookupvit"):
         assert (CHECKPOINTS / task / "model.safetensors").is_file()
 
 
@@ -55,6 +56,24 @@ def test_classify_checkpoint_labels_a_fixed_slice(test_split):
     predicted = [pipeline.labels()[i] for i in out.logits.argmax(-1).tolist()]
     expected = [f"{test_split.facts[int(i)][1]} {test_split.facts[int(i)][0]}" for i in ids]
     assert np.mean([p == e for p, e in zip(predicted, expected, strict=True)]) >= 0.95
+
+
+@torch.inference_mode()
+def test_lookupvit_checkpoint_labels_a_fixed_slice_at_every_level(test_split):
+    pipeline = load_pipeline("classify", CHECKPOINTS / "classify-lookupvit")
+    rm = pipeline.model
+    assert rm.family == "lookupvit"
+    ids = test_split.fact_ids()[:200]
+    pixels = pipeline.preprocess.from_uint8(test_split.images[ids])
+    expected = [f"{test_split.facts[int(i)][1]} {test_split.facts[int(i)][0]}" for i in ids]
+    grids = []
+    for level in LEVELS:
+        out = rm(pixels, plan=named_plan(rm, level))
+        predicted = [pipeline.labels()[i] for i in out.logits.argmax(-1).tolist()]
+        accuracy = np.mean([p == e for p, e in zip(predicted, expected, strict=True)])
+        assert accuracy >= 0.95, (level, accuracy)
+        grids.append(out.trace.compressed_tokens[0])
+    assert grids == sorted(grids, reverse=True) and grids[-1] == 1  # high: one compressed token
 
 
 @torch.inference_mode()

@@ -141,6 +141,7 @@ def evaluate(checkpoint: str | Path, methods: list[str] | None = None, limit: in
                 "level": plan.level,
                 "flops": flops,
                 "flops_saved": 1 - flops / full,
+                **({"grid": pipeline.model.grid(plan)} if pipeline.model.family == "lookupvit" else {}),
                 **result,
             }
         )
@@ -148,9 +149,10 @@ def evaluate(checkpoint: str | Path, methods: list[str] | None = None, limit: in
 
 
 def format_table(report: dict) -> str:
-    keys = [k for k in report["rows"][0] if k not in ("method", "level", "flops", "n", "pool")]
+    keys = [k for k in report["rows"][0] if k not in ("method", "level", "flops", "n", "pool", "grid")]
     lines = [f"{report['task']} — {report['checkpoint']}", "method  level   MFLOPs  " + "  ".join(keys)]
     for row in report["rows"]:
         values = "  ".join(f"{row[k] * 100:>{len(k)}.2f}" for k in keys)
-        lines.append(f"{row['method']:<7} {row['level']:<7} {row['flops'] / 1e6:>6.1f}  {values}")
+        grid = f"  (grid {row['grid']}x{row['grid']})" if "grid" in row else ""
+        lines.append(f"{row['method']:<7} {row['level']:<7} {row['flops'] / 1e6:>6.1f}  {values}{grid}")
     return "\n".join(lines)

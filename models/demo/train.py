@@ -340,14 +340,23 @@ SCHEDULES = {
 }
 
 
-def train_demo(out: Path = CHECKPOINTS, seed: int = 0, scale: float = 1.0) -> dict:
-    """Train and save all three checkpoints under `out`. `scale` shrinks the schedules (smoke runs)."""
+def train_demo(out: Path = CHECKPOINTS, seed: int = 0, scale: float = 1.0, only: str | None = None) -> dict:
+    """Train and save all three checkpoints under `out`, then the LookupViT classifier.
+    `scale` shrinks the schedules (smoke runs); `only="lookupvit"` trains the LookupViT classifier
+    alone (from the ViT classifier already under out/classify)."""
+    from models.demo.train_lookupvit import train_demo_lookupvit
+
+    if only not in (None, "lookupvit"):
+        raise ValueError(f"only: 'lookupvit' or None, got {only!r}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     schedules = {
         k: Schedule(max(1, int(s.steps * scale)), s.batch, s.lr, s.distill_from) for k, s in SCHEDULES.items()
     }
     train = data.load_split("train")
     report = {"seed": seed, "schedules": {k: vars(s) for k, s in schedules.items()}, "seconds": {}}
+    if only == "lookupvit":
+        train_demo_lookupvit(out, train, seed, scale, report)
+        return report
 
     def timed(name, fn):
         seed_everything(seed)
@@ -366,4 +375,5 @@ def train_demo(out: Path = CHECKPOINTS, seed: int = 0, scale: float = 1.0) -> di
     save(retrieval, out / "retrieval", tokenizer, meta={**report, "task": "retrieval"})
     vit = timed("classify_distill", lambda: train_classifier(train, schedules["classify_distill"], seed, vit))
     save(vit, out / "classify", meta={**report, "task": "classify"})
+    train_demo_lookupvit(out, train, seed, scale, report, vit)
     return report
