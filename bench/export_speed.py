@@ -122,11 +122,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: demo classify only, few rounds")
     parser.add_argument("--out", type=Path, default=Path("bench/results/export_speed.json"))
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # ONNX Runtime sessions take the same count
     rounds = args.rounds or (3 if args.quick else 20)
     models = dict(list(MODELS.items())[:1]) if args.quick else MODELS
     env = environment()
     env["versions"]["onnxruntime"] = onnxruntime.__version__
+    env["machine"]["threads"] = torch.get_num_threads()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, source in models.items():
