@@ -109,13 +109,15 @@ def export_task(
             plan = named_plan(rm, level, method)
             graph = plan_graph(rm, plan)
             example = example_inputs(rm, TRACE_BATCH, length)
+            # One eager call first: state a model builds lazily (LookupViT's resize matrices) is
+            # then created for real, not inside the tracer's fake-tensor mode.
+            logits = graph(*example)
             name = f"{task}-{level}" + (f"-t{length}" if length else "") + SUFFIX[fmt]
             path = out / name
             if fmt == "onnx":
                 export_onnx(graph, example, path, opset)
             else:
                 export_torchscript(graph, example, path)
-            logits = graph(*example)
             counts = rm.schedule(plan, length, n_image)
             flops, full = rm.flops(plan, length, n_image), rm.flops(named_plan(rm, "none"), length, n_image)
             entries.append(

@@ -285,3 +285,18 @@ def test_graph_backend_without_an_export_folder_fails_loudly():
             time.sleep(0.05)
         assert status == "failed"
         assert client.post("/v1/classify", json={"image": png((0, 0, 0))}).status_code == 503
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_lookupvit_levels_export_too(tmp_path, fmt):
+    checkpoint = CHECKPOINTS / "classify-lookupvit"
+    with torch.inference_mode(False):
+        export_task("classify", checkpoint, tmp_path, fmt, levels=("none", "high"), progress=False)
+    graphs = GraphSet(tmp_path, fmt)
+    pipeline = load_pipeline("classify", checkpoint)
+    check_compatible(graphs.manifest, "classify", pipeline.model)
+    assert [g.plan.get("grid") for g in graphs.manifest.graphs] == [None, 1]
+    for level in ("none", "high"):
+        for batch in (1, 4):
+            eager, exported = eager_and_graph(pipeline, graphs, level, 0, batch)
+            assert (exported - eager).abs().max().item() <= 1e-4
