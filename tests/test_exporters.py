@@ -3,6 +3,7 @@ integrity checks, and the service on a graph backend, all on the shipped demo ch
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from conftest import loaded_status, png_bytes, wait_ready
 from fastapi.testclient import TestClient
 
 from app.cli import main as cli_main
@@ -205,27 +207,8 @@ def service_client(backend: str, exports=None) -> TestClient:
     return TestClient(create_app(settings))
 
 
-def wait_ready(client: TestClient) -> None:
-    import time
-
-    for _ in range(1200):
-        if client.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"service never became ready: {client.get('/readyz').json()}")
-
-
 def png(color) -> str:
-    import base64
-    import io
-
-    from PIL import Image
-
-    image = Image.new("RGB", (64, 64), (240, 240, 240))
-    image.paste(Image.new("RGB", (28, 20), color), (18, 22))
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(png_bytes(color)).decode()
 
 
 REQUESTS = [
@@ -276,14 +259,7 @@ def test_service_on_a_graph_backend_answers_as_torch_does(exports, backend):
 
 def test_graph_backend_without_an_export_folder_fails_loudly():
     with service_client("onnx") as client:
-        for _ in range(600):
-            status = client.get("/readyz").json()["status"]
-            if status != "loading":
-                break
-            import time
-
-            time.sleep(0.05)
-        assert status == "failed"
+        assert loaded_status(client) == "failed"
         assert client.post("/v1/classify", json={"image": png((0, 0, 0))}).status_code == 503
 
 

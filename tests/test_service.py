@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import threading
-import time
 import zlib
 
 import numpy as np
 import pytest
+from conftest import loaded_status, png_bytes, wait_ready
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,15 +17,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.errors import overloaded
 from app.main import create_app, default_factory
 from app.settings import Settings
-
-
-def png_bytes(color=(255, 0, 0), size=(64, 64)) -> bytes:
-    image = Image.new("RGB", size, (240, 240, 240))
-    image.paste(Image.new("RGB", (24, 24), color), (20, 20))
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
 
 PNG = png_bytes()
 B64 = base64.b64encode(PNG).decode()
@@ -49,14 +40,6 @@ def bomb_png(width=30_000, height=30_000) -> bytes:
 def make_client(**overrides) -> TestClient:
     settings = Settings(**overrides)
     return TestClient(create_app(settings))
-
-
-def wait_ready(client: TestClient) -> None:
-    for _ in range(600):
-        if client.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError("service never became ready")
 
 
 @pytest.fixture(scope="module")
@@ -338,10 +321,7 @@ def test_a_failed_load_is_reported_and_requests_get_503():
         raise RuntimeError("no such checkpoint")
 
     with TestClient(create_app(Settings(), broken)) as c:
-        for _ in range(100):
-            if c.get("/readyz").json()["status"] == "failed":
-                break
-            time.sleep(0.02)
+        assert loaded_status(c) == "failed"
         assert c.get("/readyz").json() == {"status": "failed"}
         assert c.post("/v1/classify", json={"image": B64}).status_code == 503
 

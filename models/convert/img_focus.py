@@ -275,11 +275,8 @@ def check_pixels(batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def convert_and_save(out: str | Path, onnx_path: str | Path | None = None, check: bool = True) -> dict:
