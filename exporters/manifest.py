@@ -71,12 +71,6 @@ class Manifest(BaseModel):
     def text_lengths(self) -> list[int]:
         return sorted({g.text_length for g in self.graphs})
 
-    def graph(self, level: str, text_length: int = 0) -> GraphEntry:
-        for g in self.graphs:
-            if g.level == level and g.text_length == text_length:
-                return g
-        raise ManifestError(f"no graph for level {level!r} at text length {text_length}")
-
     def write(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST
         path.write_text(json.dumps(self.model_dump(), indent=2) + "\n")

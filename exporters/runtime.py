@@ -70,7 +70,6 @@ class GraphSet:
             raise ManifestError(
                 f"{self.folder} holds {self.manifest.format} graphs, but the backend is {backend}"
             )
-        self.backend = backend
         self.graphs = {
             (g.level, g.text_length): RUNNERS[backend](self.folder / g.file, device)
             for g in self.manifest.graphs
