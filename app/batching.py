@@ -68,11 +68,26 @@ class MicroBatcher:
             raise unavailable("the server is shutting down")
         if self._depth + weight > self.max_queue and self._depth > 0:
             raise overloaded()
-        future = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key, deque()).append(Pending(item, weight, future))
+        pending = Pending(item, weight, asyncio.get_running_loop().create_future())
+        self._queues.setdefault(key, deque()).append(pending)
         self._set_depth(self._depth + weight)
         self._wakeup.set()
-        return await future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:  # the client went away: free its place in the queue now
+            self._withdraw(key, pending)
+            raise
+
+    def _withdraw(self, key: Hashable, pending: Pending) -> None:
+        queue = self._queues.get(key)
+        if queue is None or not any(p is pending for p in queue):
+            return  # already taken into a batch
+        remaining = deque(p for p in queue if p is not pending)
+        if remaining:
+            self._queues[key] = remaining
+        else:
+            del self._queues[key]
+        self._set_depth(self._depth - pending.weight)
 
     async def close(self, timeout_s: float) -> None:
         """Finish what is queued (up to timeout_s), then stop."""

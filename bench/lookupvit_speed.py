@@ -19,7 +19,6 @@ import os
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,25 +27,13 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import NO_REDUCTION, named_plan, plan_for_target  # noqa: E402
+from models.benchmark.measure import time_interleaved  # noqa: E402
 from models.demo import data  # noqa: E402
 from models.demo.evaluate import classify_accuracy  # noqa: E402
 from models.plan import LEVELS  # noqa: E402
 from models.tasks.pipelines import load_pipeline  # noqa: E402
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
-
-
-def time_interleaved(calls: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    names, times = list(calls), {name: [] for name in calls}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -88,7 +75,9 @@ def main() -> None:
                 add(f"vit {method} @ {level}", vit, matched, model="vit", level=level, method=method)
 
     with torch.inference_mode():
-        times = time_interleaved({k: v["call"] for k, v in variants.items()}, rounds, warmup)
+        times = time_interleaved(
+            {k: v["call"] for k, v in variants.items()}, rounds, warmup, torch.device("cpu")
+        )
     rows = []
     for name, v in variants.items():
         median = float(np.median(times[name]))

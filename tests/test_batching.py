@@ -139,3 +139,33 @@ def test_close_fails_a_batch_still_in_the_model_when_time_runs_out():
         return failed.value
 
     assert run(scenario()).status == 503
+
+
+def test_a_cancelled_request_leaves_the_queue_at_once():
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    depths = []
+
+    async def scenario():
+        b = MicroBatcher(
+            recorder, ThreadPoolExecutor(1), max_batch=1, max_wait_s=0.0, max_queue=2, on_depth=depths.append
+        )
+        b.start()
+        first = asyncio.ensure_future(b.submit("p", 0))
+        await asyncio.sleep(0.05)  # the first item is running, the gate holds it
+        gone = asyncio.ensure_future(b.submit("p", 1, weight=2))
+        await asyncio.sleep(0.01)
+        assert b.depth == 2
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        depth_after_cancel = b.depth
+        kept = asyncio.ensure_future(b.submit("p", 2, weight=2))  # fits only because 1 left
+        gate.set()
+        results = await asyncio.gather(first, kept)
+        await b.close(1)
+        return depth_after_cancel, [r for r, _ in results]
+
+    depth_after_cancel, results = run(scenario())
+    assert depth_after_cancel == 0 and depths[-1] == 0
+    assert results == ["p:0", "p:2"]
+    assert [items for _, items in recorder.calls] == [[0], [2]]

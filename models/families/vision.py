@@ -135,6 +135,9 @@ class VisionTransformer(ReducibleModel):
         pixel_values = pixel_values.to(self.parameters_dtype())
         if self.kind.startswith("Dinov2"):
             return self.base.embeddings(pixel_values)
+        # Another input size than the one trained on: position embeddings are resized to its grid.
+        size = self.base.config.image_size
+        interpolate_pos_encoding = interpolate_pos_encoding or tuple(pixel_values.shape[-2:]) != (size, size)
         x = self.base.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         if self.kind.startswith("CLIP"):
             x = self.base.pre_layrnorm(x)

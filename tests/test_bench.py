@@ -1,0 +1,165 @@
+"""`tokenlean bench`: the measurements, the variants it compares, and the committed results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_vision
+
+from app.cli import main
+from models import NO_REDUCTION, named_plan, reducible
+from models.benchmark import measure, report
+from models.benchmark.subjects import SUBJECTS
+from models.benchmark.variants import flops_at, image_tokens_at, resolution_sizes, variants_of
+from models.levels import DEFAULT_METHOD
+from models.loading import load_reducible
+from models.plan import LEVELS
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+MiB = 2**20
+
+
+def test_cpu_peak_counts_live_tensors_not_the_sum_of_allocations():
+    def two_live():
+        a = torch.empty(2 * MiB, dtype=torch.uint8)
+        b = torch.empty(1 * MiB, dtype=torch.uint8)
+        return a, b
+
+    def one_after_another():
+        a = torch.empty(2 * MiB, dtype=torch.uint8)
+        del a
+        b = torch.empty(1 * MiB, dtype=torch.uint8)
+        return b
+
+    assert 3 * MiB <= measure.cpu_peak_bytes(two_live) < 3 * MiB + 64 * 1024
+    assert 2 * MiB <= measure.cpu_peak_bytes(one_after_another) < 2 * MiB + 64 * 1024
+
+
+def test_cuda_peak_is_max_allocated_above_the_start(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5096)
+    peak = measure.peak_bytes(lambda: calls.append("call"), torch.device("cuda:0"))
+    assert peak == 4096
+    assert calls.index("reset") < calls.index("call") < len(calls) - 1  # synchronised after the call
+
+
+def test_rounds_interleave_every_variant_in_alternating_order():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    times = measure.time_interleaved(calls, rounds=4, warmup=1, device=torch.device("cpu"))
+    assert order == list("abc") + list("abc") + list("cba") + list("abc") + list("cba")
+    assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+    stats = measure.speed_stats([0.1, 0.2, 0.3, 0.4], batch=8)
+    assert stats["items_per_s"] == pytest.approx(8 / 0.25)
+    assert stats["p95_ms"] >= stats["p50_ms"]
+
+
+@pytest.mark.parametrize("checkpoint", ["vqa", "classify"])
+def test_resolution_baseline_matches_the_default_methods_flops(checkpoint):
+    rm = load_reducible(str(ROOT / "models" / "checkpoints" / checkpoint))
+    n_text = rm.config.max_position_embeddings if rm.family == "vilt" else None
+    full, patch = rm.config.image_size, rm.config.patch_size
+    unreduced = flops_at(rm, NO_REDUCTION, full, n_text)
+    sizes = resolution_sizes(rm, n_text)
+    assert set(sizes) == set(LEVELS[1:])
+    for level, size in sizes.items():
+        assert size % patch == 0 and patch <= size < full
+        target = 1 - flops_at(rm, named_plan(rm, level, DEFAULT_METHOD[rm.family]), full, n_text) / unreduced
+        error = abs(1 - flops_at(rm, NO_REDUCTION, size, n_text) / unreduced - target)
+        for other in range(patch, full, patch):
+            assert error <= abs(1 - flops_at(rm, NO_REDUCTION, other, n_text) / unreduced - target) + 1e-12
+    names = [v.name for v in variants_of(rm, n_text=n_text)]
+    assert names[0] == "none" and len(names) == len(set(names))
+    assert all(f"{m} {lv}" in names for m in rm.methods for lv in LEVELS[1:])
+
+
+def test_vit_at_a_smaller_input_equals_transformers_with_interpolated_positions():
+    model = build_vision("vit-cls").eval()
+    rm = reducible(model)
+    px = torch.randn(2, 3, 24, 24)
+    with torch.inference_mode():
+        ours = rm(px, plan=NO_REDUCTION)
+        ref = model(pixel_values=px, interpolate_pos_encoding=True).logits
+    assert ours.trace.tokens[0] == image_tokens_at(rm, 24) == (24 // 4) ** 2 + 1
+    assert (ours.logits - ref).abs().max().item() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    main(["bench", "--quick", "--only", "classify", "--only", "vqa", "--out", str(out)])
+    return out, json.loads((out / "bench.json").read_text())
+
+
+def test_quick_run_covers_every_method_level_and_baseline(quick_run):
+    _, results = quick_run
+    assert results["quick"] and results["command"].startswith("tokenlean bench --quick")
+    assert {"platform", "cpu_count", "torch_num_threads", "device"} <= set(results["machine"])
+    expected = {
+        "classify": {"tome", "tcvit", "evit", "lookupvit", "resolution"},
+        "vqa": {"pumer", "tome", "prune", "resolution"},
+    }
+    assert [s["name"] for s in results["subjects"]] == ["classify", "vqa"]
+    for subject in results["subjects"]:
+        rows = subject["variants"]
+        assert rows[0]["method"] == "none" and rows[0]["flops_ratio"] == 1.0
+        assert {r["method"] for r in rows[1:]} == expected[subject["name"]]
+        for method in expected[subject["name"]] - {"resolution"}:
+            levels = [r["level"] for r in rows if r["method"] == method]
+            assert levels[-3:] == ["low", "medium", "high"], method
+            flops = [r["flops"] for r in rows if r["method"] == method]
+            assert flops == sorted(flops, reverse=True) and flops[-1] < rows[0]["flops"], method
+        for row in rows:
+            assert 0.0 <= row["metrics"][subject["metric"]] <= 1.0
+            assert row["metrics"]["n"] == 64
+            for batch in ("1", "4"):
+                speed = row["speed"][batch]
+                assert speed["items_per_s"] > 0 and speed["p95_ms"] >= speed["p50_ms"] > 0
+                assert speed["calls"] >= 2 and speed["peak_memory_bytes"] > 0
+            if row["method"] == "resolution":
+                assert row["input_size"] < subject["input_size"] and row["flops_ratio"] < 1
+                assert row["tokens_per_layer"][0] < rows[0]["tokens_per_layer"][0]
+        assert rows[0]["speed"]["4"]["gain"] == 1.0
+        high = [r for r in rows if r["level"] == "high" and r["method"] not in ("resolution", "lookupvit")]
+        assert all(r["tokens_per_layer"][-1] < rows[0]["tokens_per_layer"][-1] for r in high)
+    lookup = [r for r in results["subjects"][0]["variants"] if r["method"] == "lookupvit"]
+    assert [r["compressed_tokens_per_layer"][0] for r in lookup] == [36, 25, 9, 1]
+
+
+def test_quick_run_writes_tables_and_plots_from_its_json(quick_run):
+    out, results = quick_run
+    assert (out / "bench.md").read_text() == report.markdown(results)
+    for name in report.PLOTS.values():
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    table = report.markdown(results)
+    first = results["subjects"][0]["variants"][1]
+    assert f"{report.num(first['speed']['1']['items_per_s'])} ({first['speed']['1']['gain']:.2f}x)" in table
+
+
+def test_readme_block_is_replaced_and_a_readme_without_one_is_refused(quick_run, tmp_path):
+    _, results = quick_run
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\noutro\n")
+    report.update_readme(readme, results)
+    assert report.readme_block(readme) == report.markdown(results)
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("outro\n")
+    readme.write_text("no block\n")
+    with pytest.raises(ValueError, match="no benchmark block"):
+        report.update_readme(readme, results)
+
+
+def test_committed_results_are_a_full_run_and_match_the_readme():
+    results = json.loads((RESULTS / "bench.json").read_text())
+    assert not results["quick"] and results["settings"]["batches"] == [1, 16]
+    assert [s["name"] for s in results["subjects"]] == list(SUBJECTS)
+    assert report.readme_block(ROOT / "README.md") == report.markdown(results)
+    assert (RESULTS / "bench.md").read_text() == report.markdown(results)
+    for name in report.PLOTS.values():
+        assert (RESULTS / name).is_file(), name
