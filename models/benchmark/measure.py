@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,10 +103,37 @@ def peak_bytes(call: Callable, device: torch.device) -> int:
     return cuda_peak_bytes(call, device) if device.type == "cuda" else cpu_peak_bytes(call)
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name where the OS tells it (Linux), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_state() -> dict | None:
+    """The commit, and the model files changed since (figures depend on the working tree); None
+    outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+    try:
+        changed = git("status", "--porcelain", "models").splitlines()
+        return {"commit": git("rev-parse", "HEAD").strip(), "changed_under_models": [c[3:] for c in changed]}
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def machine(device: torch.device) -> dict:
     info = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_num_threads": torch.get_num_threads(),
         "device": str(device),

@@ -37,6 +37,7 @@ def header(report: dict) -> str:
         f"Measured on {where} ({m['platform']}, {m['cpu_count']} CPUs, {m['torch_num_threads']} torch "
         f"threads, device {m['device']}), Python {v['python']}, torch {v['torch']}, transformers "
         f"{v['transformers']}; {report['seconds']:.0f} s for the whole run. Command: `{report['command']}`"
+        + (f" at commit {report['git']['commit'][:10]}" if report.get("git") else "")
     )
 
 

@@ -14,7 +14,7 @@ import transformers
 from tqdm import tqdm
 
 from models import NO_REDUCTION
-from models.benchmark.measure import machine, peak_bytes, speed_stats, time_interleaved
+from models.benchmark.measure import git_state, machine, peak_bytes, speed_stats, time_interleaved
 from models.benchmark.subjects import METRIC, SUBJECTS, Subject, load_subject
 from models.benchmark.variants import Variant, flops_at
 
@@ -23,7 +23,7 @@ from models.benchmark.variants import Variant, flops_at
 class Settings:
     batches: tuple[int, ...] = (1, 16)
     seconds_per_case: float = 30.0  # timed rounds of one subject at one batch size, roughly
-    min_rounds: int = 5
+    min_rounds: int = 7
     max_rounds: int = 200
     warmup: int = 1
     accuracy_limit: int | None = None  # first N test items (None: the whole split)
@@ -107,6 +107,7 @@ def run(subjects: list[str] | None, settings: Settings, device: str, command: st
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
+        "git": git_state(),
         "settings": dataclasses.asdict(settings) | {"batches": list(settings.batches)},
         "subjects": [],
     }
