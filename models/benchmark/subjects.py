@@ -32,6 +32,11 @@ METRIC = {"vqa": "accuracy", "classify": "accuracy", "retrieval": "recall@1"}
 SEED = 0
 
 
+def text_tokens(rm: ReducibleModel) -> int | None:
+    """Question tokens of every timed input: ViLT's limit, the length FLOPs are counted at."""
+    return rm.config.max_position_embeddings if rm.family == "vilt" else None
+
+
 @dataclass
 class Subject:
     name: str
@@ -48,8 +53,7 @@ class Subject:
 
     @property
     def n_text(self) -> int | None:
-        """Question tokens of every timed input: ViLT's limit, the length FLOPs are counted at."""
-        return self.main.config.max_position_embeddings if self.main.family == "vilt" else None
+        return text_tokens(self.main)
 
     @property
     def device(self) -> torch.device:
@@ -109,13 +113,12 @@ class Subject:
 def demo_subject(task: str, device: str) -> Subject:
     pipeline = load_pipeline(task, CHECKPOINTS / task, device=device)
     rm = pipeline.model
-    n_text = rm.config.max_position_embeddings if rm.family == "vilt" else None
     subject = Subject(
         name=task,
         task=task,
         source=f"models/checkpoints/{task}",
         models={"main": rm},
-        variants=variants_of(rm, n_text=n_text),
+        variants=variants_of(rm, n_text=text_tokens(rm)),
         pipelines={"main": pipeline},
         split=data.load_split("test"),
     )
@@ -133,8 +136,7 @@ def demo_subject(task: str, device: str) -> Subject:
 def full_size_subject(name: str, device: str) -> Subject:
     task, model_id = FULL_SIZE[name]
     rm = reducible(load_model(model_id, seed=SEED).to(device))
-    n_text = rm.config.max_position_embeddings if rm.family == "vilt" else None
-    return Subject(name, task, model_id, {"main": rm}, variants_of(rm, n_text=n_text))
+    return Subject(name, task, model_id, {"main": rm}, variants_of(rm, n_text=text_tokens(rm)))
 
 
 def load_subject(name: str, device: str = "cpu") -> Subject:
