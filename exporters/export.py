@@ -109,9 +109,7 @@ def export_task(
             plan = named_plan(rm, level, method)
             graph = plan_graph(rm, plan)
             example = example_inputs(rm, TRACE_BATCH, length)
-            # One eager call first: state a model builds lazily (LookupViT's resize matrices) is
-            # then created for real, not inside the tracer's fake-tensor mode.
-            logits = graph(*example)
+            logits = graph(*example)  # eager: the output's dtype and shape for the manifest
             name = f"{task}-{level}" + (f"-t{length}" if length else "") + SUFFIX[fmt]
             path = out / name
             if fmt == "onnx":

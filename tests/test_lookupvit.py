@@ -271,6 +271,25 @@ def test_traced_fixed_grid_matches_eager(grid):
                 torch.testing.assert_close(traced(x), wrapper(x), rtol=0, atol=1e-5)
 
 
+def test_a_loaded_model_exports_at_every_grid_before_any_eager_call(tmp_path):
+    """The resize matrices are real buffers from the moment the model loads, so torch.export's
+    fake-tensor tracing of a never-called model records the right constants."""
+    tiny().save_pretrained(tmp_path, safe_serialization=True)
+    with torch.inference_mode(False):
+        model = load_model(str(tmp_path))
+        buffers = dict(model.named_buffers())
+        assert all(not b.is_meta for b in buffers.values())
+        for grid in (1, 3, 7):
+            assert torch.equal(buffers[f"lookupvit.embeddings.resize_{grid}"], resize_matrix(8, grid))
+        for grid in (3, 1):
+            exported = torch.export.export(FixedGrid(model, grid).eval(), (images(2, seed=5),))
+            x = images(2, seed=6)
+            with torch.no_grad():
+                expected = model(x, grid=grid).logits
+            torch.testing.assert_close(exported.module()(x), expected, rtol=0, atol=1e-5)
+    assert not any("resize" in key for key in model.state_dict())  # never saved with the weights
+
+
 # ---------------------------------------------------------------- plans
 
 

@@ -29,7 +29,6 @@ The forward has no data-dependent control flow: the grid is a Python int, so tra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -61,20 +60,14 @@ def block_flops(n: int, m: int, dim: int, mlp: int, lookup_mlp: int) -> int:
     return 2 * macs
 
 
-@lru_cache(maxsize=64)
-def _resize_matrix(src: int, dst: int) -> torch.Tensor:
-    # A normal tensor even when first asked for under inference_mode (the service), so a later
-    # training forward in the same process can use it too.
-    with torch.inference_mode(False), torch.no_grad():
-        eye = torch.eye(src * src, dtype=torch.float64).view(src * src, 1, src, src)
-        out = F.interpolate(eye, size=(dst, dst), mode="bilinear", align_corners=False, antialias=True)
-        return out.reshape(src * src, dst * dst).t().contiguous().float()
-
-
 def resize_matrix(src: int, dst: int) -> torch.Tensor:
     """(dst^2, src^2) weights of an antialiased bilinear resize of a src x src grid (raster order)
-    to dst x dst: `R @ tokens` resizes a (B, src^2, D) token grid. The identity when dst == src."""
-    return _resize_matrix(src, dst).clone()
+    to dst x dst: `R @ tokens` resizes a (B, src^2, D) token grid. The identity when dst == src.
+    Always a real CPU tensor, even under a meta-device or inference-mode context."""
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(src * src, dtype=torch.float64, device="cpu").view(src * src, 1, src, src)
+        out = F.interpolate(eye, size=(dst, dst), mode="bilinear", align_corners=False, antialias=True)
+        return out.reshape(src * src, dst * dst).t().contiguous().float()
 
 
 def gather_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -103,6 +96,10 @@ class LookupViTEmbeddings(nn.Module):
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
         self.position_embeddings = nn.Parameter(torch.zeros(1, self.side * self.side, config.hidden_size))
+        # One resize matrix per smaller grid, built with the model: constants of the module, so a
+        # tracer (ONNX, TorchScript) records them as they are and never builds one itself.
+        for grid in range(1, self.side):
+            self.register_buffer(f"resize_{grid}", resize_matrix(self.side, grid), persistent=False)
 
     def forward(self, pixel_values: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(lookup tokens (B, N, D), compressed tokens (B, grid^2, D)); raster order."""
@@ -115,7 +112,7 @@ class LookupViTEmbeddings(nn.Module):
         lookup = patches + pos
         if grid == self.side:  # resizing to the same size is the identity
             return lookup, lookup
-        r = _resize_matrix(self.side, grid).to(device=patches.device, dtype=patches.dtype)  # read-only
+        r = getattr(self, f"resize_{grid}").to(dtype=patches.dtype)
         return lookup, torch.matmul(r, patches) + torch.matmul(r, pos)
 
 
@@ -219,6 +216,8 @@ class LookupViTPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, LookupViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
+            for grid in range(1, module.side):  # not in checkpoints: rebuilt after loading
+                init.copy_(getattr(module, f"resize_{grid}"), resize_matrix(module.side, grid))
 
     def check_grid(self, grid: int | None) -> int:
         grid = self.config.default_grid if grid is None else int(grid)
