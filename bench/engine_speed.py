@@ -26,7 +26,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import NO_REDUCTION, LayerSpec, ReductionPlan, named_plan, reducible  # noqa: E402
-from models.benchmark.measure import time_interleaved  # noqa: E402
+from models.benchmark.measure import machine, time_interleaved  # noqa: E402
 from models.loading import load_model  # noqa: E402
 
 SEED = 0
@@ -137,13 +137,7 @@ def print_table(results: list[dict]) -> None:
 
 def environment() -> dict:
     return {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_num_threads": torch.get_num_threads(),
-            "loadavg_at_start": os.getloadavg(),
-        },
+        "machine": machine(CPU),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -43,7 +43,7 @@ def header(report: dict) -> str:
 
 def subject_table(subject: dict, batches: list[str]) -> str:
     metric = subject["metric"]
-    big = batches[-1]
+    big = max(batches, key=int)
     base = subject["variants"][0]
     base_quality = quality(base, metric)
     base_memory = base["speed"][big]["peak_memory_bytes"]
@@ -159,11 +159,7 @@ def plot_tradeoff(plt, report: dict, path: Path) -> bool:
             ax.set_title(f"{s['name']}: demo accuracy; speed of {where}", fontsize=10)
             ax.set(xlabel=f"throughput gain at batch {big} (x)", ylabel=f"{s['metric']} drop (pts)")
             ax.legend(fontsize=8)
-    fig.suptitle(f"Accuracy drop vs throughput gain per method ({machine_note(report)})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path, f"Accuracy drop vs throughput gain per method ({machine_note(report)})")
 
 
 def plot_speed(plt, report: dict, path: Path) -> bool:
@@ -183,11 +179,7 @@ def plot_speed(plt, report: dict, path: Path) -> bool:
         ax.plot(grid, [1 / (1 - g) for g in grid], "--", color="gray", lw=0.8, label="1 / FLOPs ratio")
         ax.set(title=s["name"], xlabel="FLOPs saved", ylabel=f"throughput gain at batch {big} (x)")
         ax.legend(fontsize=7)
-    fig.suptitle(f"Throughput gain vs analytic FLOPs saved ({machine_note(report)})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path, f"Throughput gain vs analytic FLOPs saved ({machine_note(report)})")
 
 
 def plot_tokens(plt, report: dict, path: Path) -> bool:
@@ -213,11 +205,14 @@ def plot_tokens(plt, report: dict, path: Path) -> bool:
             if j == 0:
                 ax.set_ylabel("tokens in")
             ax.legend(fontsize=6)
-    fig.suptitle(
-        "Tokens entering each layer per level (LookupViT: compressed tokens; resolution: smaller input)"
-    )
+    title = "Tokens entering each layer per level (LookupViT: compressed tokens; resolution: smaller input)"
+    return _save(plt, fig, path, title, dpi=100)
+
+
+def _save(plt, fig, path: Path, title: str, dpi: int = 110) -> bool:
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return True
 
