@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from exporters.graph import OUTPUTS, PlanGraph, example_inputs, plan_graph
 from exporters.manifest import (
     GraphEntry,
     Manifest,
@@ -21,27 +20,17 @@ from exporters.manifest import (
     file_sha256,
     weights_sha256,
 )
-from models import NO_REDUCTION, named_plan
-from models.levels import DEFAULT_METHOD
-from models.plan import LEVELS
-from models.tasks.pipelines import TEXT_BUCKET, Pipeline, load_pipeline
+from exporters.formats import DEFAULT_OPSET, FORMATS
+from models.bundle import load_bundle
+from models.levels import named_plan
+from models.plan import LEVELS, NO_REDUCTION
 
-FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
-DEFAULT_OPSET = 18
 TRACE_BATCH = 2  # any batch > 1 keeps the batch axis from being specialised to 1
+OUTPUTS = ("logits",)
 
 
-def text_lengths(pipeline: Pipeline) -> list[int]:
-    """Every padded question length the service can ask for: multiples of 8 up to the limit."""
-    if pipeline.model.family != "vilt":
-        return [0]
-    limit = pipeline.model.config.max_position_embeddings
-    lengths = list(range(TEXT_BUCKET, limit + 1, TEXT_BUCKET))
-    return lengths if lengths and lengths[-1] == limit else [*lengths, limit]
-
-
-def export_onnx(graph: PlanGraph, example: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
+def export_onnx(graph: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
     import onnx
 
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -63,7 +52,7 @@ def export_onnx(graph: PlanGraph, example: tuple[torch.Tensor, ...], path: Path,
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def export_torchscript(graph: PlanGraph, example: tuple[torch.Tensor, ...], path: Path) -> None:
+def export_torchscript(graph: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
     # Tracer warnings about Python ints are expected (token counts are static), and TorchScript's
     # deprecation notice is known: libtorch deployments still load these files.
     with warnings.catch_warnings():
@@ -94,10 +83,10 @@ def export_task(
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = load_pipeline(task, model)
-    rm = pipeline.model
-    method = method or DEFAULT_METHOD[rm.family]
-    lengths = lengths or text_lengths(pipeline)
+    bundle = load_bundle(model)
+    rm = bundle.model
+    method = method or rm.default_method
+    lengths = lengths or rm.family.export_text_lengths(rm)
     n_image = rm.nominal_tokens()[1]
 
     entries = []
@@ -107,8 +96,8 @@ def export_task(
         for level, length in bar:
             bar.set_postfix(level=level, text=length)
             plan = named_plan(rm, level, method)
-            graph = plan_graph(rm, plan)
-            example = example_inputs(rm, TRACE_BATCH, length)
+            graph = rm.family.graph(rm, plan)
+            example = tuple(rm.family.example_inputs(rm, TRACE_BATCH, length).values())
             logits = graph(*example)  # eager: the output's dtype and shape for the manifest
             name = f"{task}-{level}" + (f"-t{length}" if length else "") + SUFFIX[fmt]
             path = out / name
@@ -129,28 +118,28 @@ def export_task(
                     full_flops=full,
                     flops_saved=round(1 - flops / full, 4),
                     tokens_per_layer=[t + i for t, i in counts],
-                    inputs=tensor_specs(graph.input_names, example),
+                    inputs=tensor_specs(rm.input_names, example),
                     outputs=tensor_specs(OUTPUTS, (logits,)),
                 )
             )
 
     tokenizer = None
-    if pipeline.tokenizer is not None:
+    if bundle.tokenizer is not None:
         tokenizer = "tokenizer"
         shutil.rmtree(out / tokenizer, ignore_errors=True)
-        pipeline.tokenizer.save_pretrained(out / tokenizer)
-    pre = pipeline.preprocess
+        bundle.tokenizer.save_pretrained(out / tokenizer)
+    pre = bundle.preprocess
     manifest = Manifest(
         task=task,
         model=str(model),
         architecture=type(rm.model).__name__,
-        family=rm.family,
+        family=rm.family.name,
         method=method,
         weights_sha256=weights_sha256(rm.model),
         format=fmt,
         opset=opset if fmt == "onnx" else None,
         torch_version=torch.__version__,
-        labels=pipeline.labels(),
+        labels=bundle.labels(),
         preprocessing=Preprocessing(
             image_size=pre.size,
             mean=list(pre.mean),

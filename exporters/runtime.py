@@ -1,7 +1,8 @@
-"""Run exported graphs: ONNX Runtime (CUDA when available, else CPU) or libtorch (TorchScript).
+"""The graph backends: exported graphs run by ONNX Runtime (CUDA when available, else CPU) or by
+libtorch (TorchScript).
 
 A GraphSet holds one loaded graph per (level, text length) of an export folder, after checking
-the manifest's hashes.
+the manifest's hashes. The eager model still provides plans, labels and token accounting.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters.manifest import Manifest, ManifestError, load_manifest
-
-BACKENDS = ("torchscript", "onnx")
+from exporters.manifest import Manifest, ManifestError, load_manifest, weights_sha256
+from models.backends.base import Backend, BatchOutput, register_backend
+from models.levels import named_plan
+from models.plan import LEVELS, NO_REDUCTION, ReductionPlan
 
 
 def onnx_providers(device: str, available: list[str]) -> list[str]:
@@ -56,6 +58,7 @@ class TorchScriptGraph:
 
 
 RUNNERS = {"onnx": OnnxGraph, "torchscript": TorchScriptGraph}
+BACKENDS = tuple(RUNNERS)
 
 
 class GraphSet:
@@ -93,9 +96,6 @@ class GraphSet:
 def check_compatible(manifest: Manifest, task: str, model) -> None:
     """Refuse graphs that were exported for another task, from other weights, or with level
     definitions that no longer match this version's plans."""
-    from exporters.manifest import weights_sha256
-    from models import named_plan
-
     if manifest.task != task:
         raise ManifestError(f"the export folder holds {manifest.task} graphs, not {task}")
     if manifest.weights_sha256 != weights_sha256(model.model):
@@ -106,3 +106,54 @@ def check_compatible(manifest: Manifest, task: str, model) -> None:
     for g in manifest.graphs:
         if named_plan(model, g.level, manifest.method).to_dict() != g.plan:
             raise ManifestError(f"level {g.level!r} of {manifest.method} is defined differently now")
+
+
+class GraphBackend(Backend):
+    """Runs the exported level graphs of one export folder. A named level must have been exported;
+    a numeric target runs at the exported level whose FLOPs saving is closest."""
+
+    def __init__(self, bundle, task: str, export_dir: str | None = None):
+        super().__init__(bundle, task, export_dir)
+        if not export_dir:
+            raise ValueError(f"backend {self.name} needs an export folder for {task} (`tokenlean export`)")
+        self.graphs = GraphSet(export_dir, self.name, str(bundle.device))
+        check_compatible(self.graphs.manifest, task, bundle.model)
+
+    @property
+    def method(self) -> str:
+        return self.graphs.manifest.method
+
+    def levels(self) -> tuple[str, ...]:
+        return tuple(self.graphs.levels())
+
+    def runnable(self, plan: ReductionPlan) -> ReductionPlan:
+        model, exported = self.bundle.model, self.levels()
+        if plan.method not in ("none", self.method):
+            raise ValueError(f"the {self.name} graphs were exported with {self.method} only")
+        if plan.level in LEVELS:
+            if plan.level not in exported:
+                raise ValueError(f"level {plan.level!r} was not exported; exported levels: {', '.join(exported)}")
+            return plan
+        full = model.flops(NO_REDUCTION)
+        saved = 1 - model.flops(plan) / full
+        candidates = [named_plan(model, level, self.method) for level in exported]
+        return min(candidates, key=lambda p: abs(1 - model.flops(p) / full - saved))
+
+    def text_length(self, texts: list[str]) -> int:
+        return self.graphs.text_length_for(self.bundle.padded_length(texts))
+
+    def run(self, plan, pixels: np.ndarray, texts, text_length: int) -> BatchOutput:
+        inputs = self.bundle.inputs(torch.from_numpy(pixels), texts, text_length or None)
+        n_text = text_length if self.bundle.model.takes_text else 0
+        logits = self.graphs.run(plan.level, n_text, *inputs.values())
+        return BatchOutput(logits.float().cpu().numpy(), self.bundle.model.static_trace(plan, n_text))
+
+
+@register_backend
+class OnnxBackend(GraphBackend):
+    name = "onnx"
+
+
+@register_backend
+class TorchScriptBackend(GraphBackend):
+    name = "torchscript"

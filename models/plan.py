@@ -8,12 +8,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-# Methods and the model families they apply to.
-VIT_METHODS = ("tome", "tcvit", "evit")
-VILT_METHODS = ("pumer", "tome", "prune")
-# LookupViT's compression is its own architecture's compressed grid, not a reducer.
-LOOKUPVIT_METHODS = ("lookupvit",)
-METHODS = ("none", *sorted(set(VIT_METHODS + VILT_METHODS + LOOKUPVIT_METHODS)))
 LEVELS = ("none", "low", "medium", "high")
 
 
@@ -55,7 +49,8 @@ class ReductionPlan:
 
     proportional_attention: add log(size) of each key to the attention logits (ToMe).
     weighted_merge: merged tokens are size-weighted means; False is PuMer's plain mean.
-    grid: LookupViT only: side of the compressed-token grid (grid x grid tokens); no layers.
+    grid: grid-layout methods (LookupViT): side of the compressed-token grid (grid x grid
+    tokens); no layers. Which methods and grids a model accepts is checked by the model.
     """
 
     method: str = "none"
@@ -69,20 +64,23 @@ class ReductionPlan:
     grid: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.method != "none":
+            from models.reduction.registry import method_names
+
+            if self.method not in method_names():
+                raise ValueError(f"unknown method {self.method!r}; expected one of {('none', *method_names())}")
         if self.order < 1:
             raise ValueError("connectivity order must be >= 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError("alpha must be in [0, 1]")
-        if (self.method == "lookupvit") != (self.grid > 0):
-            raise ValueError("a lookupvit plan needs a grid >= 1, and only a lookupvit plan has one")
+        if self.grid < 0 or (self.grid > 0 and self.method == "none"):
+            raise ValueError("grid must be >= 1 on a grid method's plan, and 0 otherwise")
 
     @property
     def removes_nothing(self) -> bool:
-        """A lookupvit plan names a compressed grid, which is never the unreduced model (that is
+        """A grid plan names a compressed grid, which is never the unreduced model (that is
         NO_REDUCTION: the model's highest-fidelity grid)."""
-        if self.method == "lookupvit":
+        if self.grid > 0:
             return False
         return self.method == "none" or all(spec.is_identity for spec in self.layers)
 
@@ -96,9 +94,18 @@ class ReductionPlan:
             "layers": {str(i): s.to_dict() for i, s in enumerate(self.layers) if not s.is_identity},
             "proportional_attention": self.proportional_attention,
             "weighted_merge": self.weighted_merge,
-            **({"order": self.order, "alpha": self.alpha} if self.method == "tcvit" else {}),
-            **({"grid": self.grid} if self.method == "lookupvit" else {}),
+            **{name: getattr(self, name) for name in _plan_parameters(self.method)},
+            **({"grid": self.grid} if self.grid > 0 else {}),
         }
+
+
+def _plan_parameters(method: str) -> tuple[str, ...]:
+    """Plan fields a method reads besides its layers (TC-ViT: order, alpha), shown in reports."""
+    if method == "none":
+        return ()
+    from models.reduction.registry import plan_parameters
+
+    return plan_parameters(method)
 
 
 NO_REDUCTION = ReductionPlan()

@@ -10,25 +10,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.families.base import ReducedOutput, ReducibleModel
-from models.lookupvit import LookupViTForImageClassification, LookupViTModel, block_flops
-from models.plan import LOOKUPVIT_METHODS, NO_REDUCTION, ReductionPlan
+from models.families.base import ModelFamily, ReducedOutput, ReducibleModel
+from models.families.registry import register_family
+from models.lookupvit import ARCHITECTURES, LookupViTForImageClassification, LookupViTModel, block_flops
+from models.plan import NO_REDUCTION, ReductionPlan
+from models.reduction.registry import GRID
 from models.trace import Trace
-
-SUPPORTED = {"LookupViTForImageClassification": "lookupvit", "LookupViTModel": None}
 
 
 class LookupViT(ReducibleModel):
-    family = "lookupvit"
-    methods = LOOKUPVIT_METHODS
     protected = 0
 
     def __init__(self, model: nn.Module):
         if not isinstance(model, LookupViTForImageClassification | LookupViTModel):
             raise TypeError(f"{type(model).__name__} is not a LookupViT model")
         # ReducibleModel.__init__ derives costs from transformers blocks; LookupViT counts its own.
+        self.family = LOOKUPVIT
         self.model = model
-        self.kind = type(model).__name__
         self.base = model.lookupvit if isinstance(model, LookupViTForImageClassification) else model
         self.blocks = list(self.base.layers)
 
@@ -45,8 +43,12 @@ class LookupViT(ReducibleModel):
     def full_grid(self) -> int:
         return self.config.default_grid
 
+    @property
+    def head(self) -> str | None:
+        return "classifier" if isinstance(self.model, LookupViTForImageClassification) else None
+
     def grid(self, plan: ReductionPlan) -> int:
-        return plan.grid if plan.method == "lookupvit" else self.full_grid
+        return plan.grid if plan.grid > 0 else self.full_grid
 
     def nominal_tokens(self) -> tuple[int, int]:
         return 0, self.config.lookup_grid**2
@@ -54,7 +56,7 @@ class LookupViT(ReducibleModel):
     def check_plan(self, plan: ReductionPlan) -> None:
         if plan.method not in ("none", *self.methods):
             raise ValueError(f"{plan.method!r} does not apply to {self.family}; use one of {self.methods}")
-        if plan.method == "lookupvit" and not 1 <= plan.grid <= self.config.lookup_grid:
+        if plan.method != "none" and not 1 <= plan.grid <= self.config.lookup_grid:
             raise ValueError(f"grid must be in [1, {self.config.lookup_grid}], got {plan.grid}")
 
     def counts(self, plan: ReductionPlan, n_image: int | None = None) -> tuple[int, int]:
@@ -108,3 +110,17 @@ class LookupViT(ReducibleModel):
             pooler_output=seq.mean(dim=1),
             logits=getattr(out, "logits", None),
         )
+
+
+class LookupViTFamily(ModelFamily):
+    name = "lookupvit"
+    layout = GRID
+    default_method = "lookupvit"
+    architectures = tuple(ARCHITECTURES)
+    custom_architectures = ARCHITECTURES
+
+    def wrap(self, model: nn.Module) -> LookupViT:
+        return LookupViT(model)
+
+
+LOOKUPVIT = register_family(LookupViTFamily())

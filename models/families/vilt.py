@@ -17,9 +17,12 @@ import torch
 from torch import nn
 
 from models.encoder import Block, initial_tokens, run_encoder
-from models.families.base import ReducedOutput, ReducibleModel
-from models.plan import NO_REDUCTION, VILT_METHODS, ReductionPlan
-from models.reducers import vilt_count, vilt_reducer
+from models.families.base import ModelFamily, PlanGraph, RandomConfig, ReducedOutput, ReducibleModel
+from models.families.registry import register_family
+from models.plan import NO_REDUCTION, ReductionPlan
+from models.reduction.registry import TEXT_IMAGE
+
+TEXT_BUCKET = 8  # texts are padded to a multiple of this many tokens
 
 SUPPORTED = ("ViltModel", "ViltForQuestionAnswering", "ViltForImageAndTextRetrieval")
 
@@ -44,14 +47,14 @@ def _vilt_block(layer: nn.Module, heads: int) -> Block:
 
 
 class ViltTransformer(ReducibleModel):
-    family = "vilt"
-    methods = VILT_METHODS
+    protected = 1  # per modality: the text [CLS] and the image [CLS]
+    takes_text = True
 
     def __init__(self, model: nn.Module):
         name = type(model).__name__
         if name not in SUPPORTED:
             raise TypeError(f"{name} is not a supported ViLT model ({SUPPORTED})")
-        self.kind = name
+        self.family = VILT
         self.base = model if name == "ViltModel" else model.vilt
         heads = self.base.config.num_attention_heads
         super().__init__(model, [_vilt_block(layer, heads) for layer in self.base.encoder.layer])
@@ -60,12 +63,13 @@ class ViltTransformer(ReducibleModel):
         cfg = self.base.config
         return cfg.max_position_embeddings, (cfg.image_size // cfg.patch_size) ** 2 + 1
 
-    def schedule(self, plan: ReductionPlan, n_text: int, n_image: int) -> list[tuple[int, int]]:
-        counts = [(n_text, n_image)]
-        for i in range(self.num_layers):
-            n_text, n_image = vilt_count(plan.spec(i), n_text, n_image)
-            counts.append((n_text, n_image))
-        return counts
+    @property
+    def head(self) -> str | None:
+        return {"ViltForQuestionAnswering": "classifier", "ViltForImageAndTextRetrieval": "matching"}.get(self.kind)
+
+    @property
+    def max_text_tokens(self) -> int:
+        return self.base.config.max_position_embeddings
 
     def embed_image(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
         emb = self.base.embeddings
@@ -128,7 +132,7 @@ class ViltTransformer(ReducibleModel):
             image_valid = torch.ones(x.shape[0], x.shape[1] - n_text, dtype=torch.bool, device=x.device)
             valid = torch.cat([attention_mask.bool(), image_valid], dim=1)
         tokens = initial_tokens(x, valid=valid, n_text=n_text, track_source=track_source)
-        tokens, counts = run_encoder(self.blocks, tokens, plan, vilt_reducer)
+        tokens, counts = run_encoder(self.blocks, tokens, plan, self.reducer(plan))
 
         seq = self.base.layernorm(tokens.x)
         pooled = self.base.pooler(seq) if self.base.pooler is not None else None
@@ -147,3 +151,43 @@ class ViltTransformer(ReducibleModel):
             sources=tokens.source,
             text_valid=text_valid,
         )
+
+
+class ViltFamily(ModelFamily):
+    name = "vilt"
+    layout = TEXT_IMAGE
+    default_method = "pumer"
+    architectures = SUPPORTED
+    random_configs = {
+        "vilt-b32": RandomConfig(
+            "ViltForQuestionAnswering",
+            "ViltConfig",
+            dict(image_size=384, patch_size=32, max_position_embeddings=40, num_labels=3129),
+        )
+    }
+
+    def wrap(self, model: nn.Module) -> ViltTransformer:
+        return ViltTransformer(model)
+
+    def export_text_lengths(self, model: ReducibleModel) -> list[int]:
+        """Every padded text length the service can ask for: multiples of 8 up to the limit."""
+        limit = model.max_text_tokens
+        lengths = list(range(TEXT_BUCKET, limit + 1, TEXT_BUCKET))
+        return lengths if lengths and lengths[-1] == limit else [*lengths, limit]
+
+    def graph(self, model: ReducibleModel, plan: ReductionPlan) -> nn.Module:
+        # The mask is applied even when it masks nothing: one graph serves padded and unpadded batches.
+        return PlanGraph(model, plan, always_mask=True).eval()
+
+    def example_inputs(self, model, batch, text_length=0, size=None, seed=0):
+        """Half of the texts are padded, so the padding path is the one an exporter traces."""
+        inputs = super().example_inputs(model, batch, text_length, size, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        text_length = text_length or model.max_text_tokens
+        ids = torch.randint(1, model.config.vocab_size, (batch, text_length), generator=g)
+        mask = torch.ones(batch, text_length, dtype=torch.long)
+        mask[::2, max(1, text_length // 2) :] = 0
+        return {"input_ids": ids * mask, "attention_mask": mask, **inputs}
+
+
+VILT = register_family(ViltFamily())

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from models.encoder import Block, initial_tokens, run_encoder
-from models.families.base import ReducedOutput, ReducibleModel, linears
-from models.plan import NO_REDUCTION, VIT_METHODS, ReductionPlan
-from models.reducers import vision_count, vision_reducer
+from models.families.base import ModelFamily, RandomConfig, ReducedOutput, ReducibleModel, linears
+from models.families.registry import register_family
+from models.plan import NO_REDUCTION, ReductionPlan
+from models.reduction.registry import IMAGE
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ _DEIT = _Layout(lambda base: base.layers, _vit_block, protected=2)
 _DINOV2 = _Layout(lambda base: base.encoder.layer, _dinov2_block)
 _CLIP = _Layout(lambda base: base.encoder.layers, _clip_block)
 
+VIT_SMALL = dict(
+    hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_labels=1000
+)
+
 # Hugging Face class name -> (attribute holding the backbone or None, layout).
 SUPPORTED = {
     "ViTModel": (None, _VIT),
@@ -102,15 +107,12 @@ def weighted_patch_mean(seq: torch.Tensor, sizes: torch.Tensor, protected: int) 
 
 
 class VisionTransformer(ReducibleModel):
-    family = "vit"
-    methods = VIT_METHODS
-
     def __init__(self, model: nn.Module):
         name = type(model).__name__
         if name not in SUPPORTED:
             raise TypeError(f"{name} is not a supported vision transformer ({sorted(SUPPORTED)})")
         attr, layout = SUPPORTED[name]
-        self.kind = name
+        self.family = VISION
         self.base = getattr(model, attr) if attr else model
         self.protected = layout.protected
         heads = self.base.config.num_attention_heads
@@ -124,12 +126,9 @@ class VisionTransformer(ReducibleModel):
         cfg = self.base.config
         return 0, (cfg.image_size // cfg.patch_size) ** 2 + self.protected
 
-    def schedule(self, plan: ReductionPlan, n_text: int, n_image: int) -> list[tuple[int, int]]:
-        counts, n = [(0, n_image)], n_image
-        for i in range(self.num_layers):
-            n = vision_count(plan.method, plan.spec(i), n, self.protected)
-            counts.append((0, n))
-        return counts
+    @property
+    def head(self) -> str | None:
+        return "classifier" if "Classification" in self.kind else None
 
     def embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
         pixel_values = pixel_values.to(self.parameters_dtype())
@@ -153,7 +152,7 @@ class VisionTransformer(ReducibleModel):
         self.check_plan(plan)
         x = self.embed(pixel_values, interpolate_pos_encoding)
         tokens = initial_tokens(x, track_source=track_source)
-        tokens, counts = run_encoder(self.blocks, tokens, plan, vision_reducer(plan.method, self.protected))
+        tokens, counts = run_encoder(self.blocks, tokens, plan, self.reducer(plan))
         seq, sizes = tokens.x, tokens.size
         pooled = logits = None
         kind, m = self.kind, self.model
@@ -185,3 +184,21 @@ class VisionTransformer(ReducibleModel):
             logits=logits,
             sources=tokens.source,
         )
+
+
+class VisionFamily(ModelFamily):
+    name = "vit"
+    layout = IMAGE
+    default_method = "tome"
+    architectures = tuple(SUPPORTED)
+    random_configs = {
+        "vit-s16": RandomConfig("ViTForImageClassification", "ViTConfig", VIT_SMALL),
+        "vit-b16": RandomConfig("ViTForImageClassification", "ViTConfig", dict(num_labels=1000)),
+        "deit-s16": RandomConfig("DeiTForImageClassificationWithTeacher", "DeiTConfig", VIT_SMALL),
+    }
+
+    def wrap(self, model: nn.Module) -> VisionTransformer:
+        return VisionTransformer(model)
+
+
+VISION = register_family(VisionFamily())

@@ -1,1 +1,0 @@
-"""Task pipelines: VQA, retrieval, classification."""
