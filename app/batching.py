@@ -12,7 +12,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.errors import overloaded, unavailable
+from app.errors import Overloaded, Unavailable
 
 
 @dataclass
@@ -65,9 +65,9 @@ class MicroBatcher:
 
     async def submit(self, key: Hashable, item: Any, weight: int = 1) -> tuple[Any, BatchInfo]:
         if self._closing:
-            raise unavailable("the server is shutting down")
+            raise Unavailable("the server is shutting down")
         if self._depth + weight > self.max_queue and self._depth > 0:
-            raise overloaded()
+            raise Overloaded("the request queue is full; retry later")
         pending = Pending(item, weight, asyncio.get_running_loop().create_future())
         self._queues.setdefault(key, deque()).append(pending)
         self._set_depth(self._depth + weight)
@@ -103,7 +103,7 @@ class MicroBatcher:
                 pass
         for pending in [*self._inflight, *(p for q in self._queues.values() for p in q)]:
             if not pending.future.done():
-                pending.future.set_exception(unavailable("the server is shutting down"))
+                pending.future.set_exception(Unavailable("the server is shutting down"))
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth

@@ -1,80 +1,52 @@
-"""Every failure a client can cause, mapped to a status and a JSON body in one place:
-{"error": {"code": "...", "message": "..."}}. Anything unexpected is logged and answered 500
-without internals."""
+"""Domain errors: what went wrong, in the data plane's words. Nothing here knows HTTP; the status
+code and JSON body of each error are decided in one place, app/http_errors.py."""
 
 from __future__ import annotations
 
-import logging
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+class ServiceError(Exception):
+    """Base of every error a request can end in. `retry_after_s`: when retrying makes sense."""
 
-log = logging.getLogger("tokenlean")
+    retry_after_s: int | None = None
 
-
-class APIError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, retry_after_s: int | None = None):
         super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.message = message
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
 
 
-def bad_request(message: str) -> APIError:
-    return APIError(400, "bad_request", message)
+class BadInput(ServiceError):
+    """Input that cannot be read: bad JSON, bad base64, a corrupt image."""
 
 
-def invalid(message: str) -> APIError:
-    return APIError(422, "invalid_request", message)
+class InvalidInput(ServiceError):
+    """Readable input whose values are not allowed (fields, compression, method, limits)."""
 
 
-def too_large(message: str) -> APIError:
-    return APIError(413, "payload_too_large", message)
+class TooLarge(ServiceError):
+    """A body, an image or a request's pixels over their limit."""
 
 
-def unsupported_media(message: str) -> APIError:
-    return APIError(415, "unsupported_media_type", message)
+class UnsupportedMedia(ServiceError):
+    """Not an image we decode, or a content type we do not take."""
 
 
-def overloaded(retry_after_s: int = 1) -> APIError:
-    return APIError(
-        503, "overloaded", "the request queue is full; retry later", {"Retry-After": str(retry_after_s)}
-    )
+class Unauthorized(ServiceError):
+    """Missing or wrong credentials."""
 
 
-def unavailable(message: str) -> APIError:
-    return APIError(503, "unavailable", message, {"Retry-After": "5"})
+class NotServed(ServiceError):
+    """No model serves this task on this server."""
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+class Overloaded(ServiceError):
+    """The task's queue is full."""
+
+    retry_after_s = 1
 
 
-def _describe(errors: list) -> str:
-    parts = []
-    for e in errors:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",))
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    return "; ".join(parts)
+class Unavailable(ServiceError):
+    """Not ready, failed to load, or shutting down."""
 
-
-def install(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        return error_response(422, "invalid_request", _describe(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code, "http_error"
-        )
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error")
+    retry_after_s = 5

@@ -3,7 +3,8 @@ client sent Content-Length."""
 
 from __future__ import annotations
 
-from app.errors import error_response, too_large
+from app.errors import TooLarge
+from app.http_errors import response_for
 
 
 class BodyLimitMiddleware:
@@ -16,7 +17,7 @@ class BodyLimitMiddleware:
         message = f"request body exceeds {self.max_bytes} bytes"
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                return await error_response(413, "payload_too_large", message)(scope, receive, send)
+                return await response_for(TooLarge(message))(scope, receive, send)
         received = 0
 
         async def limited_receive():
@@ -25,7 +26,7 @@ class BodyLimitMiddleware:
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > self.max_bytes:
-                    raise too_large(message)  # answered 413 by the APIError handler
+                    raise TooLarge(message)  # answered 413 by the error handler
             return msg
 
         await self.app(scope, limited_receive, send)

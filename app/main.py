@@ -11,25 +11,26 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import __version__, errors
+from app import __version__, http_errors
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics
-from app.routes import ops, v1
+from app.routes import ops, v1_router
 from app.service import TaskService, inference_thread
 from app.settings import Settings
+from app.tasks.base import tasks
+from models.reduction.registry import method_names
 
 log = logging.getLogger("tokenlean")
 ServiceFactory = Callable[[str, Settings, Metrics], TaskService]
 
 
 def default_factory(task: str, settings: Settings, metrics: Metrics) -> TaskService:
-    cfg = getattr(settings.models, task)
-    return TaskService(task, cfg, settings, metrics, settings.resolved_device())
+    return TaskService(tasks()[task], settings.models[task], settings, metrics, settings.resolved_device())
 
 
 def load_services(app: FastAPI, factory: ServiceFactory) -> None:
     settings, metrics = app.state.settings, app.state.metrics
-    for task in settings.models.enabled():
+    for task in settings.enabled():
         started = time.perf_counter()
         svc = factory(task, settings, metrics)
         if settings.warmup:
@@ -76,8 +77,31 @@ def create_app(settings: Settings | None = None, factory: ServiceFactory = defau
     app.state.services = {}
     app.state.ready = False
     app.state.load_failed = False
-    errors.install(app)
+    http_errors.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_request_bytes)
     app.include_router(ops)
-    app.include_router(v1)
+    app.include_router(v1_router())
+    app.openapi = lambda: openapi(app)
     return app
+
+
+def openapi(app: FastAPI) -> dict:
+    """FastAPI's document, with the reduction methods registered now listed on every request."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        methods = list(method_names())
+        for path in schema["paths"].values():
+            for operation in path.values():
+                for content in operation.get("requestBody", {}).get("content", {}).values():
+                    props = content.get("schema", {}).get("properties", {})
+                    if "method" in props:
+                        props["method"]["description"] = (
+                            f"reduction method, one of {methods} that applies to the model (GET /v1/models lists them); default: the model's"
+                        )
+                        props["method"]["examples"] = methods
+        app.openapi_schema = schema
+    return app.openapi_schema

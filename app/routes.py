@@ -1,16 +1,16 @@
-"""HTTP routes. Each v1 endpoint accepts JSON (base64 images) or multipart/form-data (file
-uploads) on the same path; both are described in the OpenAPI document."""
+"""HTTP routes. One POST /v1/<task> endpoint per registered task, each taking JSON (base64 images)
+or multipart/form-data (file uploads) on the same path; both are described in the OpenAPI
+document. This layer validates and decodes, then hands items and plans to the task's service: it
+never sees a tensor."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import time
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,32 +19,28 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import schemas
-from app.errors import APIError, bad_request, invalid, unavailable, unsupported_media
-from app.images import decode_base64, header_pixels, open_image
-from app.service import ClassifyItem, RetrievalItem, TaskService, VQAItem
-from models.plan import ReductionPlan
+from app.errors import (
+    BadInput,
+    InvalidInput,
+    NotServed,
+    Overloaded,
+    ServiceError,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMedia,
+)
+from app.http_errors import status_of
+from app.images import decode_base64, decode_images
+from app.tasks.base import Task, tasks
 
-INLINE_PIXELS = 1_000_000  # images up to this many pixels in total are decoded on the event loop
-PNG_EXAMPLE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+if TYPE_CHECKING:
+    from app.service import TaskService
 
-
-def _request_body(model: type[BaseModel], json_example: dict, form_fields: dict[str, dict]) -> dict:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": model.model_json_schema(), "example": json_example},
-                "multipart/form-data": {"schema": {"type": "object", "properties": form_fields}},
-            },
-        }
-    }
-
-
-_FILE = {"type": "string", "format": "binary"}
 _COMPRESSION_FIELDS = {
     "compression": {"type": "string", "description": schemas.COMPRESSION_DOC},
     "method": {"type": "string"},
 }
+_FILE = {"type": "string", "format": "binary"}
 
 
 def require_api_key(request: Request) -> None:
@@ -53,18 +49,15 @@ def require_api_key(request: Request) -> None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), key.encode()):
-        raise APIError(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
-
-
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
-ops = APIRouter()
+        raise Unauthorized("missing or wrong bearer token")
 
 
 # ------------------------------------------------------------------ request parsing
 
 
-async def parse(request: Request, model: type[BaseModel], files: tuple[str, ...]) -> tuple[BaseModel, dict]:
-    """Validate a JSON or multipart body against `model`; returns it and the raw image bytes."""
+async def parse(request: Request, task: Task) -> tuple[BaseModel, dict[str, list[bytes]]]:
+    """Validate a JSON or multipart body against the task's request model; returns it and the raw
+    image bytes of each image field."""
     limits = request.app.state.settings.limits
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     images: dict[str, Any] = {}
@@ -72,9 +65,9 @@ async def parse(request: Request, model: type[BaseModel], files: tuple[str, ...]
         try:
             payload = json.loads(await request.body())
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints, deep nesting
-            raise bad_request(f"body is not valid JSON: {str(exc)[:200]}") from exc
+            raise BadInput(f"body is not valid JSON: {str(exc)[:200]}") from exc
         if not isinstance(payload, dict):
-            raise bad_request("body must be a JSON object")
+            raise BadInput("body must be a JSON object")
     elif content_type == "multipart/form-data":
         form = await request.form(max_files=limits.max_candidates + 1, max_fields=limits.max_candidates + 16)
         payload = {}
@@ -82,21 +75,23 @@ async def parse(request: Request, model: type[BaseModel], files: tuple[str, ...]
             values = form.getlist(name)
             uploads = [v for v in values if isinstance(v, UploadFile)]
             if uploads:
-                if name not in files:
-                    raise invalid(f"{name}: unexpected file")
+                if name not in task.file_fields:
+                    raise InvalidInput(f"{name}: unexpected file")
                 images[name] = [await u.read() for u in uploads]
-                payload[name] = "" if name in ("image",) else [""] * len(uploads)
-            elif name in ("texts", "images"):
+                payload[name] = [""] * len(uploads) if name in task.list_fields else ""
+            elif name in task.list_fields:
                 payload[name] = list(values)
             else:
                 payload[name] = values[0]
     else:
-        raise unsupported_media("send application/json or multipart/form-data")
+        raise UnsupportedMedia("send application/json or multipart/form-data")
     try:
-        body = model.model_validate(payload)
+        body = task.request.model_validate(payload)
     except ValidationError as exc:
-        raise invalid("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
-    for name in files:
+        raise InvalidInput(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from exc
+    for name in task.file_fields:
         if name not in images and isinstance(getattr(body, name, None), str | list):
             value = getattr(body, name)
             raw = [value] if isinstance(value, str) else value
@@ -104,45 +99,21 @@ async def parse(request: Request, model: type[BaseModel], files: tuple[str, ...]
     return body, images
 
 
-async def load_pixels(request: Request, raw: list[bytes], preprocess) -> torch.Tensor:
-    """Decode and resize images one at a time, in a worker thread: the event loop stays free and
-    at most one full-size image is in memory. The pixel budget covers the whole request."""
-    limits = request.app.state.settings.limits
-
-    def work() -> torch.Tensor:
-        budget, tensors = limits.max_request_pixels, []
-        for data in raw:
-            image = open_image(data, limits.max_upload_bytes, min(limits.max_image_pixels, budget))
-            budget -= image.width * image.height
-            tensors.append(preprocess([image]))
-            del image
-        return torch.cat(tensors)
-
-    if sum(header_pixels(data) for data in raw) <= INLINE_PIXELS:
-        return work()  # small images: decoding takes less than the hop to a thread
-    return await asyncio.to_thread(work)
-
-
 def service(request: Request, task: str) -> TaskService:
     state = request.app.state
     if state.load_failed:
-        raise unavailable("loading the models failed; see the server log")
+        raise Unavailable("loading the models failed; see the server log")
     if not state.ready:
-        raise unavailable("models are still loading")
+        raise Unavailable("models are still loading")
     if task not in state.services:
-        raise APIError(404, "not_found", f"no model serves {task!r} on this server")
+        raise NotServed(f"no model serves {task!r} on this server")
     return state.services[task]
-
-
-def check_top_k(request: Request, top_k: int) -> None:
-    if top_k > request.app.state.settings.limits.max_top_k:
-        raise invalid(f"top_k: at most {request.app.state.settings.limits.max_top_k}")
 
 
 # ------------------------------------------------------------------ reporting
 
 
-def report(svc: TaskService, body, plan: ReductionPlan, trace, info, started: float) -> dict:
+def report(svc: TaskService, body, plan, trace, info, started: float) -> dict:
     t = trace.to_dict()
     return {
         "model": svc.cfg.checkpoint,
@@ -179,9 +150,9 @@ async def observed(request: Request, task: str):
     try:
         yield state
         status = "2xx"
-    except APIError as exc:
-        status = f"{exc.status // 100}xx"
-        if exc.status == 503 and exc.code == "overloaded":
+    except ServiceError as exc:
+        status = f"{status_of(exc)[0] // 100}xx"
+        if isinstance(exc, Overloaded):
             request.app.state.metrics.rejected.labels(task).inc()
         raise
     except StarletteHTTPException as exc:  # e.g. multipart parsing limits
@@ -193,130 +164,72 @@ async def observed(request: Request, task: str):
         m.request_duration.labels(task, state["level"]).observe(time.perf_counter() - started)
 
 
-async def run(request: Request, svc: TaskService, body, state: dict, item, weight: int = 1):
-    plan = svc.plan_for(body.compression, body.method)
-    state["level"] = svc.level_label(plan)
-    (result, trace), info = await svc.submit(plan, item, weight)
-    request.app.state.metrics.tokens_kept.labels(svc.task, state["level"]).observe(trace.kept_ratio)
-    return plan, result, trace, info
-
-
 # ------------------------------------------------------------------ v1 endpoints
 
 
-@v1.post(
-    "/vqa",
-    response_model=schemas.VQAResponse,
-    openapi_extra=_request_body(
-        schemas.VQARequest,
-        {"image": PNG_EXAMPLE, "question": "what color is the shape?", "compression": "medium"},
-        {"image": _FILE, "question": {"type": "string"}, "top_k": {"type": "integer"}, **_COMPRESSION_FIELDS},
-    ),
-)
-async def vqa(request: Request):
-    """Answer a question about an image."""
+def task_endpoint(task: Task):
+    async def endpoint(request: Request):
+        async with observed(request, task.name) as state:
+            svc = service(request, task.name)
+            body, raw = await parse(request, task)
+            limits = request.app.state.settings.limits
 
-    def item(svc, body, pixels):
-        limit = request.app.state.settings.limits.max_question_chars
-        if len(body.question) > limit:
-            raise invalid(f"question: at most {limit} characters")
-        return VQAItem(pixels, body.question, body.top_k, svc.text_length([body.question]))
+            async def pixels(data: list[bytes]):
+                return await decode_images(data, limits, svc.bundle.preprocess)
 
-    return await labelled(request, "vqa", schemas.VQARequest, item, ("answer", "answers"))
+            item = await task.decode(body, raw, svc.decode_context(pixels))
+            plan = svc.plan_for(body.compression, body.method)
+            state["level"] = svc.level_label(plan)
+            result, trace, info = await svc.submit(plan, item)
+            request.app.state.metrics.tokens_kept.labels(task.name, state["level"]).observe(trace.kept_ratio)
+            return {**task.encode(body, result), **report(svc, body, plan, trace, info, state["started"])}
 
-
-@v1.post(
-    "/classify",
-    response_model=schemas.ClassifyResponse,
-    openapi_extra=_request_body(
-        schemas.ClassifyRequest,
-        {"image": PNG_EXAMPLE, "compression": 0.3},
-        {"image": _FILE, "top_k": {"type": "integer"}, **_COMPRESSION_FIELDS},
-    ),
-)
-async def classify(request: Request):
-    """Classify an image."""
-
-    def item(svc, body, pixels):
-        return ClassifyItem(pixels, body.top_k)
-
-    return await labelled(request, "classify", schemas.ClassifyRequest, item, ("label", "labels"))
+    endpoint.__doc__ = task.summary
+    return endpoint
 
 
-async def labelled(request: Request, task: str, schema, make_item, keys: tuple[str, str]) -> dict:
-    """One image (+ fields) in, top-k scored labels out: VQA and classification."""
-    async with observed(request, task) as state:
-        svc = service(request, task)
-        body, raw = await parse(request, schema, ("image",))
-        check_top_k(request, body.top_k)
-        pixels = await load_pixels(request, raw["image"][:1], svc.pipeline.preprocess)
-        item = make_item(svc, body, pixels[0])
-        plan, labels, trace, info = await run(request, svc, body, state, item)
-        return {
-            keys[0]: labels[0].label,
-            keys[1]: [{"label": a.label, "score": a.score} for a in labels],
-            **report(svc, body, plan, trace, info, state["started"]),
+def openapi_body(task: Task) -> dict:
+    form = {name: _FILE for name in task.file_fields if name not in task.list_fields}
+    form |= task.form_fields | _COMPRESSION_FIELDS
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": task.request.model_json_schema(),
+                    "example": task.json_example,
+                },
+                "multipart/form-data": {"schema": {"type": "object", "properties": form}},
+            },
         }
+    }
 
 
-@v1.post(
-    "/retrieval",
-    response_model=schemas.RetrievalResponse,
-    openapi_extra=_request_body(
-        schemas.RetrievalRequest,
-        {"image": PNG_EXAMPLE, "texts": ["a red circle", "a blue triangle"], "compression": "low"},
-        {
-            "image": _FILE,
-            "texts": {"type": "array", "items": {"type": "string"}},
-            "text": {"type": "string"},
-            "images": {"type": "array", "items": _FILE},
-            **_COMPRESSION_FIELDS,
-        },
-    ),
-)
-async def retrieval(request: Request):
-    """Rank candidate texts for an image, or candidate images for a text."""
-    async with observed(request, "retrieval") as state:
-        svc = service(request, "retrieval")
-        body, raw = await parse(request, schemas.RetrievalRequest, ("image", "images"))
-        limits = request.app.state.settings.limits
-        candidates = body.texts if body.texts is not None else raw["images"]
-        if len(candidates) > limits.max_candidates:
-            raise invalid(f"at most {limits.max_candidates} candidates per request")
-        texts = body.texts or [body.text]
-        if any(len(t) > limits.max_question_chars for t in texts):
-            raise invalid(f"texts: at most {limits.max_question_chars} characters each")
-        preprocess = svc.pipeline.preprocess
-        if body.texts is not None:
-            pixels = (await load_pixels(request, raw["image"][:1], preprocess)).expand(
-                len(body.texts), -1, -1, -1
-            )
-            item = RetrievalItem(pixels, tuple(body.texts), tuple(body.texts), svc.text_length(texts))
-        else:
-            pixels = await load_pixels(request, raw["images"], preprocess)
-            item = RetrievalItem(
-                pixels, (body.text,) * len(pixels), tuple(range(len(pixels))), svc.text_length(texts)
-            )
-        plan, ranking, trace, info = await run(request, svc, body, state, item, weight=len(item.texts))
-        rows = [
-            {
-                "index": r["index"],
-                "text": r["item"] if body.texts is not None else None,
-                "score": r["score"],
-                "probability": r["probability"],
-            }
-            for r in ranking
-        ]
-        return {"ranking": rows, **report(svc, body, plan, trace, info, state["started"])}
+def v1_router() -> APIRouter:
+    """The v1 API of every registered task, and /v1/models."""
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    for task in tasks().values():
+        v1.add_api_route(
+            f"/{task.name}",
+            task_endpoint(task),
+            methods=["POST"],
+            response_model=task.response,
+            summary=task.summary,
+            name=task.name,
+            openapi_extra=openapi_body(task),
+        )
 
+    @v1.get("/models")
+    async def models(request: Request):
+        """What is loaded: task, model, methods, levels with their FLOPs, backend."""
+        return {"models": [svc.describe() for svc in request.app.state.services.values()]}
 
-@v1.get("/models")
-async def models(request: Request):
-    """What is loaded: task, model, methods, levels with their FLOPs, backend."""
-    return {"models": [svc.describe() for svc in request.app.state.services.values()]}
+    return v1
 
 
 # ------------------------------------------------------------------ operations
+
+ops = APIRouter()
 
 
 @ops.get("/healthz")

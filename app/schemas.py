@@ -1,16 +1,20 @@
-"""Request and response bodies of the v1 API."""
+"""What every v1 request and response shares: the compression fields of a request, and the report
+of what compression cost and saved. Each task (app/tasks/) adds its own fields."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 Compression = str | float | None
+IMAGE_DOC = "base64 image (PNG, JPEG, WebP, BMP, GIF); a data: URL is accepted"
+# A 1x1 PNG, the OpenAPI examples' image.
+PNG_EXAMPLE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 COMPRESSION_DOC = "none | low | medium | high, or the fraction of encoder FLOPs to remove in [0, 0.9]"
 
 
-class _Request(BaseModel):
+class TaskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     compression: Compression = Field(default=None, description=COMPRESSION_DOC, examples=["medium", 0.4])
     method: str | None = Field(
@@ -18,50 +22,9 @@ class _Request(BaseModel):
     )
 
 
-class VQARequest(_Request):
-    image: str = Field(description="base64 image (PNG, JPEG, WebP, BMP, GIF); a data: URL is accepted")
-    question: str = Field(min_length=1, examples=["what shape is in the image?"])
-    top_k: int = Field(default=3, ge=1)
-
-
-class ClassifyRequest(_Request):
-    image: str = Field(description="base64 image")
-    top_k: int = Field(default=5, ge=1)
-
-
-class RetrievalRequest(_Request):
-    """Either `image` + `texts` (rank the texts) or `text` + `images` (rank the images)."""
-
-    image: str | None = Field(default=None, description="base64 image whose candidate texts are ranked")
-    texts: list[str] | None = Field(default=None, examples=[["a red circle", "a blue triangle"]])
-    text: str | None = Field(default=None, description="text whose candidate images are ranked")
-    images: list[str] | None = Field(default=None, description="base64 candidate images")
-
-    @model_validator(mode="after")
-    def _one_direction(self) -> RetrievalRequest:
-        texts_mode = self.image is not None and self.texts is not None
-        images_mode = self.text is not None and self.images is not None
-        if (
-            texts_mode == images_mode
-            or (texts_mode and (self.text is not None or self.images is not None))
-            or (images_mode and (self.image is not None or self.texts is not None))
-        ):
-            raise ValueError("send either `image` with `texts`, or `text` with `images`")
-        if (self.texts is not None and not self.texts) or (self.images is not None and not self.images):
-            raise ValueError("candidates must not be empty")
-        return self
-
-
 class ScoredLabel(BaseModel):
     label: str
     score: float
-
-
-class RankedItem(BaseModel):
-    index: int = Field(description="position in the request's candidate list")
-    text: str | None = None
-    score: float = Field(description="image-text matching logit")
-    probability: float = Field(description="softmax of the scores over the candidates")
 
 
 class CompressionReport(BaseModel):
@@ -101,17 +64,3 @@ class Report(BaseModel):
     flops: FlopsReport
     timings: Timings
     batch_size: int = Field(description="rows in the model call this request shared")
-
-
-class VQAResponse(Report):
-    answer: str
-    answers: list[ScoredLabel]
-
-
-class ClassifyResponse(Report):
-    label: str
-    labels: list[ScoredLabel]
-
-
-class RetrievalResponse(Report):
-    ranking: list[RankedItem]

@@ -1,8 +1,10 @@
 """Service settings: environment variables (TOKENLEAN_...) and `tokenlean serve` flags.
 
-Nested fields use `__` in environment variables and `.` on the command line, e.g.
-TOKENLEAN_MODELS__VQA__CHECKPOINT=dandelin/vilt-b32-finetuned-vqa or
-`tokenlean serve --models.vqa.checkpoint dandelin/vilt-b32-finetuned-vqa`.
+Nested fields use `__` in environment variables, e.g.
+TOKENLEAN_MODELS__VQA__CHECKPOINT=dandelin/vilt-b32-finetuned-vqa; on the command line, `.` for
+nested models (`--limits.max-top-k 5`) and JSON for the per-task table
+(`--models '{"vqa": {"checkpoint": "dandelin/vilt-b32-finetuned-vqa"}}'`). Every registered task
+has an entry; tasks not named keep their defaults.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
@@ -21,34 +23,11 @@ class ModelSettings(BaseModel):
 
     checkpoint: str = Field(default="", description="empty: the shipped demo checkpoint of the task")
     enabled: bool = True
-    method: str | None = Field(
-        default=None, description="reduction method; default: pumer (ViLT), tome (ViT)"
-    )
+    method: str | None = Field(default=None, description="reduction method; default: the model family's")
     default_compression: str = Field(default="none", description="level name or FLOPs fraction in [0, 0.9]")
     export_dir: str = Field(
         default="", description="backend onnx/torchscript: folder written by `tokenlean export` for this task"
     )
-
-
-class ModelsSettings(BaseModel):
-    vqa: ModelSettings = ModelSettings()
-    retrieval: ModelSettings = ModelSettings()
-    classify: ModelSettings = ModelSettings()
-
-    @model_validator(mode="after")
-    def _shipped_defaults(self) -> ModelsSettings:
-        for task in ("vqa", "retrieval", "classify"):
-            cfg = getattr(self, task)
-            if not cfg.checkpoint:
-                cfg.checkpoint = str(CHECKPOINTS / task)
-        return self
-
-    def enabled(self) -> dict[str, ModelSettings]:
-        return {
-            task: m
-            for task, m in (("vqa", self.vqa), ("retrieval", self.retrieval), ("classify", self.classify))
-            if m.enabled
-        }
 
 
 class BatchingSettings(BaseModel):
@@ -81,10 +60,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["torch", "torchscript", "onnx"] = Field(
-        default="torch", description="eager PyTorch, or the exported graphs in each task's export_dir"
+    backend: str = Field(
+        default="torch",
+        description="torch (eager PyTorch), or onnx / torchscript: the exported graphs in each task's "
+        "export_dir; any registered backend",
     )
-    models: ModelsSettings = ModelsSettings()
+    models: dict[str, ModelSettings] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="per task: checkpoint, enabled, method, default compression",
+    )
     batching: BatchingSettings = BatchingSettings()
     limits: LimitSettings = LimitSettings()
     api_key: str | None = Field(default=None, description="bearer token required on /v1 routes")
@@ -93,6 +78,36 @@ class Settings(BaseSettings):
     log_level: str = "info"
     warmup: bool = True
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
+
+    @field_validator("models")
+    @classmethod
+    def _every_task(cls, value: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
+        """An entry per registered task, in the registry's order; empty checkpoints are the demo ones."""
+        from app.tasks.base import tasks
+
+        known = tasks()
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; tasks: {list(known)}")
+        models = {}
+        for name, task in known.items():
+            cfg = value.get(name, ModelSettings())
+            if not cfg.checkpoint:
+                cfg = cfg.model_copy(update={"checkpoint": str(CHECKPOINTS / task.demo_checkpoint)})
+            models[name] = cfg
+        return models
+
+    @field_validator("backend")
+    @classmethod
+    def _registered_backend(cls, value: str) -> str:
+        from models.backends.base import backend_names
+
+        if value not in backend_names():
+            raise ValueError(f"unknown backend {value!r}; expected one of {list(backend_names())}")
+        return value
+
+    def enabled(self) -> dict[str, ModelSettings]:
+        return {task: cfg for task, cfg in self.models.items() if cfg.enabled}
 
     @field_validator("api_key")
     @classmethod

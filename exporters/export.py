@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from exporters.formats import DEFAULT_OPSET, FORMATS
 from exporters.manifest import (
     GraphEntry,
     Manifest,
@@ -20,7 +21,6 @@ from exporters.manifest import (
     file_sha256,
     weights_sha256,
 )
-from exporters.formats import DEFAULT_OPSET, FORMATS
 from models.bundle import load_bundle
 from models.levels import named_plan
 from models.plan import LEVELS, NO_REDUCTION

@@ -132,7 +132,9 @@ class GraphBackend(Backend):
             raise ValueError(f"the {self.name} graphs were exported with {self.method} only")
         if plan.level in LEVELS:
             if plan.level not in exported:
-                raise ValueError(f"level {plan.level!r} was not exported; exported levels: {', '.join(exported)}")
+                raise ValueError(
+                    f"level {plan.level!r} was not exported; exported levels: {', '.join(exported)}"
+                )
             return plan
         full = model.flops(NO_REDUCTION)
         saved = 1 - model.flops(plan) / full

@@ -68,7 +68,9 @@ class ReductionPlan:
             from models.reduction.registry import method_names
 
             if self.method not in method_names():
-                raise ValueError(f"unknown method {self.method!r}; expected one of {('none', *method_names())}")
+                raise ValueError(
+                    f"unknown method {self.method!r}; expected one of {('none', *method_names())}"
+                )
         if self.order < 1:
             raise ValueError("connectivity order must be >= 1")
         if not 0.0 <= self.alpha <= 1.0:

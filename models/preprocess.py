@@ -40,12 +40,16 @@ class ImagePreprocessor:
             image = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
         return np.asarray(image, dtype=np.float32) / 255.0
 
-    def __call__(self, images: list) -> torch.Tensor:
-        """PIL images or arrays -> (B, 3, size, size). Normalised in numpy: this runs outside the
-        inference thread, where torch would start another OpenMP pool."""
+    def arrays(self, images: list) -> np.ndarray:
+        """PIL images or arrays -> (B, 3, size, size) float32, normalised. In numpy: the service
+        runs this outside the inference thread, where torch would start another OpenMP pool."""
         batch = np.stack([self.to_array(im) for im in images])
         batch = (batch - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+    def __call__(self, images: list) -> torch.Tensor:
+        """PIL images or arrays -> (B, 3, size, size) tensor."""
+        return torch.from_numpy(self.arrays(images))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> normalised."""

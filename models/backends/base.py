@@ -20,8 +20,8 @@ from models.trace import Trace
 if TYPE_CHECKING:
     from models.bundle import ModelBundle
 
-# Modules that register the built-in backends, imported on first lookup.
-BUILTIN = ("models.backends.eager", "exporters.runtime")
+# The built-in backends and the modules that register them, imported when one is first used.
+BUILTIN = {"torch": "models.backends.eager", "onnx": "exporters.runtime", "torchscript": "exporters.runtime"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ class Backend(ABC):
         return self.bundle.padded_length(texts)
 
     @abstractmethod
-    def run(self, plan: ReductionPlan, pixels: np.ndarray, texts: list[str] | None, text_length: int) -> BatchOutput:
+    def run(
+        self, plan: ReductionPlan, pixels: np.ndarray, texts: list[str] | None, text_length: int
+    ) -> BatchOutput:
         """Logits for rows (pixels[i], texts[i]); texts padded to text_length tokens."""
 
     def describe(self) -> dict:
@@ -65,7 +67,6 @@ class Backend(ABC):
 
 
 _BACKENDS: dict[str, type[Backend]] = {}
-_loaded = False
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
@@ -73,21 +74,17 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in BUILTIN:
-            importlib.import_module(module)
+def unregister_backend(name: str) -> None:
+    _BACKENDS.pop(name, None)
 
 
 def backend_names() -> tuple[str, ...]:
-    _load_builtins()
-    return tuple(_BACKENDS)
+    return tuple(dict.fromkeys([*BUILTIN, *_BACKENDS]))
 
 
 def get_backend(name: str) -> type[Backend]:
-    _load_builtins()
+    if name not in _BACKENDS and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
     if name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {tuple(_BACKENDS)}")
+        raise ValueError(f"unknown backend {name!r}; expected one of {backend_names()}")
     return _BACKENDS[name]

@@ -54,6 +54,8 @@ class ModelFamily(ABC):
     # Architectures that are not transformers classes: name -> class, for the checkpoint loader.
     custom_architectures: Mapping[str, type] = {}
     random_configs: Mapping[str, RandomConfig] = {}
+    # Module (under models/demo/) holding the recipe that trains this family's demo checkpoints.
+    demo_recipe: str | None = None
 
     def __str__(self) -> str:
         return self.name

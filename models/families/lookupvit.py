@@ -116,6 +116,7 @@ class LookupViTFamily(ModelFamily):
     name = "lookupvit"
     layout = GRID
     default_method = "lookupvit"
+    demo_recipe = "models.demo.lookupvit"
     architectures = tuple(ARCHITECTURES)
     custom_architectures = ARCHITECTURES
 

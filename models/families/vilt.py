@@ -65,7 +65,9 @@ class ViltTransformer(ReducibleModel):
 
     @property
     def head(self) -> str | None:
-        return {"ViltForQuestionAnswering": "classifier", "ViltForImageAndTextRetrieval": "matching"}.get(self.kind)
+        return {"ViltForQuestionAnswering": "classifier", "ViltForImageAndTextRetrieval": "matching"}.get(
+            self.kind
+        )
 
     @property
     def max_text_tokens(self) -> int:
@@ -157,6 +159,7 @@ class ViltFamily(ModelFamily):
     name = "vilt"
     layout = TEXT_IMAGE
     default_method = "pumer"
+    demo_recipe = "models.demo.vilt"
     architectures = SUPPORTED
     random_configs = {
         "vilt-b32": RandomConfig(

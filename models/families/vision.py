@@ -190,6 +190,7 @@ class VisionFamily(ModelFamily):
     name = "vit"
     layout = IMAGE
     default_method = "tome"
+    demo_recipe = "models.demo.vision"
     architectures = tuple(SUPPORTED)
     random_configs = {
         "vit-s16": RandomConfig("ViTForImageClassification", "ViTConfig", VIT_SMALL),

@@ -83,7 +83,9 @@ def get_method(name: str, layout: str) -> ReductionMethod:
     try:
         return _METHODS[(name, layout)]
     except KeyError:
-        raise ValueError(f"method {name!r} does not apply to a {layout} model; use one of {methods_for(layout)}")
+        raise ValueError(
+            f"method {name!r} does not apply to a {layout} model; use one of {methods_for(layout)}"
+        )
 
 
 def methods_for(layout: str) -> tuple[str, ...]:

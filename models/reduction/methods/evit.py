@@ -32,7 +32,9 @@ class EViT(ReductionMethod):
 
     def reduce(self, spec, tokens, attn, plan, model):
         cls_attn = attn.probs(slice(0, 1))[:, 0]
-        x, size, source = evit(tokens.x, tokens.size, tokens.source, cls_attn, spec.keep_rate, model.protected)
+        x, size, source = evit(
+            tokens.x, tokens.size, tokens.source, cls_attn, spec.keep_rate, model.protected
+        )
         return tokens.reduced(x=x, size=size, source=source)
 
 

@@ -20,7 +20,10 @@ class PruneOnly(TextImageMethod):
 
     def candidates(self, model):
         k = PRUNED["medium"]
-        return [plan(self.name, "", at_pumer_layers(model, LayerSpec(prune=min(k * s, 0.95)))) for s in self.strengths]
+        return [
+            plan(self.name, "", at_pumer_layers(model, LayerSpec(prune=min(k * s, 0.95))))
+            for s in self.strengths
+        ]
 
 
 register_method(PruneOnly())

@@ -33,7 +33,10 @@ class PuMer(TextImageMethod):
                 self.name,
                 "",
                 at_pumer_layers(
-                    model, LayerSpec(prune=min(k * s, 0.95), merge_image=min(r * s, 0.5), merge_text=min(t * s, 0.5))
+                    model,
+                    LayerSpec(
+                        prune=min(k * s, 0.95), merge_image=min(r * s, 0.5), merge_text=min(t * s, 0.5)
+                    ),
                 ),
             )
             for s in self.strengths

@@ -17,7 +17,14 @@ class TCViT(RPerLayerMethod):
 
     def reduce(self, spec, tokens, attn, plan, model):
         x, size, source = condense(
-            tokens.x, tokens.size, tokens.source, attn.probs(slice(None)), spec.r, model.protected, plan.order, plan.alpha
+            tokens.x,
+            tokens.size,
+            tokens.source,
+            attn.probs(slice(None)),
+            spec.r,
+            model.protected,
+            plan.order,
+            plan.alpha,
         )
         return tokens.reduced(x=x, size=size, source=source)
 

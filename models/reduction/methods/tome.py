@@ -55,7 +55,11 @@ class ModalityAwareToMe(TextImageMethod):
     def candidates(self, model):
         image, text = MODALITY_MERGE["medium"]
         return [
-            plan(self.name, "", every_layer(model, LayerSpec(merge_image=min(image * s, 0.5), merge_text=min(text * s, 0.5))))
+            plan(
+                self.name,
+                "",
+                every_layer(model, LayerSpec(merge_image=min(image * s, 0.5), merge_text=min(text * s, 0.5))),
+            )
             for s in self.strengths
         ]
 

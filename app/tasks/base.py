@@ -1,0 +1,135 @@
+"""The task contract: what a task (vqa, retrieval, classify) owns, from a validated request body
+to the response fields. A task sees images as bytes and then as numpy arrays, and the model as a
+function from a batch to logits: it never touches tensors, HTTP or a particular backend.
+
+Adding a task: one module under app/tasks/ that subclasses Task and calls `register_task(...)`,
+imported by app/tasks/__init__.py; the route, its OpenAPI entry, its settings and its metrics
+follow from the registry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+from pydantic import BaseModel
+
+from app.errors import InvalidInput
+
+
+class ModelTraits(Protocol):
+    """What a task may know of a loaded model to decide whether it can serve it."""
+
+    takes_text: bool
+    head: str | None  # "classifier", "matching" or None
+
+
+@dataclass(frozen=True)
+class DecodeContext:
+    """What decoding a request may use: the limits, the images' decoder and the text padding."""
+
+    limits: Any  # app.settings.LimitSettings
+    pixels: Callable[[list[bytes]], Awaitable[np.ndarray]]  # bytes -> (N, 3, H, W) float32
+    text_length: Callable[[list[str]], int]  # tokens a batch holding these texts is padded to
+    image_size: int
+
+
+@dataclass(frozen=True)
+class BatchModel:
+    """The model as a task runs it: one plan, fixed for the batch."""
+
+    forward: Callable[
+        [np.ndarray, list[str] | None, int], np.ndarray
+    ]  # (pixels, texts, text length) -> logits
+    labels: list[str]
+    single_label: bool
+
+
+class Task(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    request: ClassVar[type[BaseModel]]
+    response: ClassVar[type[BaseModel]]
+    file_fields: ClassVar[tuple[str, ...]]  # multipart fields that carry image files
+    list_fields: ClassVar[tuple[str, ...]] = ()  # multipart fields that repeat
+    json_example: ClassVar[dict]
+    form_fields: ClassVar[dict[str, dict]]  # multipart fields besides the compression ones (OpenAPI)
+    demo_checkpoint: ClassVar[str]  # folder under models/checkpoints/ served by default
+
+    @abstractmethod
+    def serves(self, model: ModelTraits) -> bool:
+        """Whether a model with these traits can serve this task."""
+
+    @abstractmethod
+    async def decode(self, body: BaseModel, images: dict[str, list[bytes]], ctx: DecodeContext) -> Any:
+        """A validated body and its raw images -> one item; InvalidInput etc. on bad input."""
+
+    def batch_key(self, item: Any) -> Hashable:
+        """Items share a batch only with equal keys (and the same plan)."""
+        return getattr(item, "text_length", 0)
+
+    def weight(self, item: Any) -> int:
+        """Rows of the model batch this item needs."""
+        return 1
+
+    @abstractmethod
+    def run(self, model: BatchModel, items: list[Any]) -> list[Any]:
+        """One batch of items (equal keys) -> one result per item."""
+
+    @abstractmethod
+    def encode(self, body: BaseModel, result: Any) -> dict:
+        """A result -> the task's response fields (the compression report is added around them)."""
+
+    @abstractmethod
+    def warmup_items(self, ctx: DecodeContext) -> list[Any]:
+        """Items to run once per level before the service reports ready."""
+
+
+def check_top_k(top_k: int, limits) -> None:
+    if top_k > limits.max_top_k:
+        raise InvalidInput(f"top_k: at most {limits.max_top_k}")
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = logits - logits.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+@dataclass(frozen=True)
+class Scored:
+    label: str
+    score: float
+
+
+def top_labels(scores: np.ndarray, labels: list[str], k: int) -> list[Scored]:
+    """The k best labels of one row of scores, best first (ties: the lower index)."""
+    order = np.argsort(-scores, kind="stable")[: min(k, scores.shape[-1])]
+    return [Scored(labels[i], float(scores[i])) for i in order]
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    if task.name in _TASKS:
+        raise ValueError(f"task {task.name!r} is already registered")
+    _TASKS[task.name] = task
+    return task
+
+
+def unregister_task(name: str) -> None:
+    _TASKS.pop(name, None)
+
+
+def tasks() -> dict[str, Task]:
+    import app.tasks  # noqa: F401 - registers the built-in tasks
+
+    return dict(_TASKS)

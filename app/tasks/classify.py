@@ -1,0 +1,41 @@
+"""Image classification: an image -> scored labels."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, ScoredLabel, TaskRequest
+from app.tasks.base import register_task
+from app.tasks.labels import LabelItem, LabelTask
+
+
+class ClassifyRequest(TaskRequest):
+    image: str = Field(description=IMAGE_DOC)
+    top_k: int = Field(default=5, ge=1)
+
+
+class ClassifyResponse(Report):
+    label: str
+    labels: list[ScoredLabel]
+
+
+class Classify(LabelTask):
+    name = "classify"
+    summary = "Classify an image."
+    request = ClassifyRequest
+    response = ClassifyResponse
+    keys = ("label", "labels")
+    asks = False
+    demo_checkpoint = "classify"
+    json_example = {"image": PNG_EXAMPLE, "compression": 0.3}
+    form_fields = {"top_k": {"type": "integer"}}
+
+    def serves(self, model) -> bool:
+        return not model.takes_text and model.head == "classifier"
+
+    def warmup_items(self, ctx) -> list[LabelItem]:
+        return [LabelItem(np.zeros((3, ctx.image_size, ctx.image_size), dtype=np.float32), 1)]
+
+
+register_task(Classify())

@@ -1,0 +1,50 @@
+"""Tasks that answer one image (+ a question) with top-k scored labels: VQA and classification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel
+
+from app.errors import InvalidInput
+from app.tasks.base import BatchModel, Task, check_top_k, softmax, top_labels
+
+
+@dataclass(frozen=True)
+class LabelItem:
+    pixels: np.ndarray  # (3, H, W)
+    top_k: int
+    question: str | None = None
+    text_length: int = 0  # padded token length of the question; part of the batch key
+
+
+class LabelTask(Task):
+    """Subclasses name the response's two fields (`keys`: best label, scored list) and say
+    whether a question comes with the image (`asks`)."""
+
+    file_fields = ("image",)
+    keys: tuple[str, str]
+    asks: bool
+
+    async def decode(self, body, images, ctx) -> LabelItem:
+        check_top_k(body.top_k, ctx.limits)
+        pixels = (await ctx.pixels(images["image"][:1]))[0]
+        if not self.asks:
+            return LabelItem(pixels, body.top_k)
+        if len(body.question) > ctx.limits.max_question_chars:
+            raise InvalidInput(f"question: at most {ctx.limits.max_question_chars} characters")
+        return LabelItem(pixels, body.top_k, body.question, ctx.text_length([body.question]))
+
+    def scores(self, model: BatchModel, logits: np.ndarray) -> np.ndarray:
+        return softmax(logits)
+
+    def run(self, model: BatchModel, items: list[LabelItem]) -> list:
+        pixels = np.stack([i.pixels for i in items])
+        texts = [i.question for i in items] if self.asks else None
+        scores = self.scores(model, model.forward(pixels, texts, items[0].text_length))
+        return [top_labels(s, model.labels, i.top_k) for s, i in zip(scores, items, strict=True)]
+
+    def encode(self, body: BaseModel, result) -> dict:
+        best, scored = self.keys
+        return {best: result[0].label, scored: [{"label": a.label, "score": a.score} for a in result]}

@@ -1,0 +1,135 @@
+"""Image-text retrieval: rank candidate texts for an image, or candidate images for a text, by the
+model's image-text matching score."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, Field, model_validator
+
+from app.errors import InvalidInput
+from app.schemas import PNG_EXAMPLE, Report, TaskRequest
+from app.tasks.base import BatchModel, Task, register_task, softmax
+
+_FILE = {"type": "string", "format": "binary"}
+
+
+class RetrievalRequest(TaskRequest):
+    """Either `image` + `texts` (rank the texts) or `text` + `images` (rank the images)."""
+
+    image: str | None = Field(default=None, description="base64 image whose candidate texts are ranked")
+    texts: list[str] | None = Field(default=None, examples=[["a red circle", "a blue triangle"]])
+    text: str | None = Field(default=None, description="text whose candidate images are ranked")
+    images: list[str] | None = Field(default=None, description="base64 candidate images")
+
+    @model_validator(mode="after")
+    def _one_direction(self) -> RetrievalRequest:
+        texts_mode = self.image is not None and self.texts is not None
+        images_mode = self.text is not None and self.images is not None
+        if (
+            texts_mode == images_mode
+            or (texts_mode and (self.text is not None or self.images is not None))
+            or (images_mode and (self.image is not None or self.texts is not None))
+        ):
+            raise ValueError("send either `image` with `texts`, or `text` with `images`")
+        if (self.texts is not None and not self.texts) or (self.images is not None and not self.images):
+            raise ValueError("candidates must not be empty")
+        return self
+
+
+class RankedItem(BaseModel):
+    index: int = Field(description="position in the request's candidate list")
+    text: str | None = None
+    score: float = Field(description="image-text matching logit")
+    probability: float = Field(description="softmax of the scores over the candidates")
+
+
+class RetrievalResponse(Report):
+    ranking: list[RankedItem]
+
+
+@dataclass(frozen=True)
+class RetrievalItem:
+    pixels: np.ndarray  # (N, 3, H, W): one image repeated, or N candidate images
+    texts: tuple[str, ...]  # N texts: candidates, or one query repeated
+    candidates: tuple  # what is ranked (the texts or image indices)
+    text_length: int
+
+
+def ranked(logits: np.ndarray, candidates: tuple) -> list[dict]:
+    """Candidates by descending matching score; `probability` is the softmax over candidates."""
+    probs = softmax(logits, axis=0)
+    order = np.argsort(-logits, kind="stable")
+    return [
+        {"index": int(i), "item": candidates[i], "score": float(logits[i]), "probability": float(probs[i])}
+        for i in order
+    ]
+
+
+class Retrieval(Task):
+    name = "retrieval"
+    summary = "Rank candidate texts for an image, or candidate images for a text."
+    request = RetrievalRequest
+    response = RetrievalResponse
+    file_fields = ("image", "images")
+    list_fields = ("texts", "images")
+    demo_checkpoint = "retrieval"
+    json_example = {"image": PNG_EXAMPLE, "texts": ["a red circle", "a blue triangle"], "compression": "low"}
+    form_fields = {
+        "texts": {"type": "array", "items": {"type": "string"}},
+        "text": {"type": "string"},
+        "images": {"type": "array", "items": _FILE},
+    }
+
+    def serves(self, model) -> bool:
+        return model.takes_text and model.head == "matching"
+
+    async def decode(self, body, images, ctx) -> RetrievalItem:
+        limits = ctx.limits
+        candidates = body.texts if body.texts is not None else images["images"]
+        if len(candidates) > limits.max_candidates:
+            raise InvalidInput(f"at most {limits.max_candidates} candidates per request")
+        texts = body.texts or [body.text]
+        if any(len(t) > limits.max_question_chars for t in texts):
+            raise InvalidInput(f"texts: at most {limits.max_question_chars} characters each")
+        length = ctx.text_length(texts)
+        if body.texts is not None:
+            image = await ctx.pixels(images["image"][:1])
+            pixels = np.broadcast_to(image, (len(texts), *image.shape[1:]))
+            return RetrievalItem(pixels, tuple(texts), tuple(texts), length)
+        pixels = await ctx.pixels(images["images"])
+        return RetrievalItem(pixels, (body.text,) * len(pixels), tuple(range(len(pixels))), length)
+
+    def weight(self, item: RetrievalItem) -> int:
+        return len(item.texts)
+
+    def run(self, model: BatchModel, items: list[RetrievalItem]) -> list:
+        pixels = np.concatenate([i.pixels for i in items])
+        texts = [t for i in items for t in i.texts]
+        logits = model.forward(pixels, texts, items[0].text_length)[:, 0]
+        results, start = [], 0
+        for item in items:
+            n = len(item.texts)
+            results.append(ranked(logits[start : start + n], item.candidates))
+            start += n
+        return results
+
+    def encode(self, body, result) -> dict:
+        rows = [
+            {
+                "index": r["index"],
+                "text": r["item"] if body.texts is not None else None,
+                "score": r["score"],
+                "probability": r["probability"],
+            }
+            for r in result
+        ]
+        return {"ranking": rows}
+
+    def warmup_items(self, ctx) -> list[RetrievalItem]:
+        pixels = np.zeros((1, 3, ctx.image_size, ctx.image_size), dtype=np.float32)
+        return [RetrievalItem(pixels, ("a shape",), ("a shape",), ctx.text_length(["a shape"]))]
+
+
+register_task(Retrieval())

@@ -1,0 +1,49 @@
+"""Visual question answering: an image and a question -> scored answers."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, ScoredLabel, TaskRequest
+from app.tasks.base import BatchModel, register_task, sigmoid, softmax
+from app.tasks.labels import LabelItem, LabelTask
+
+
+class VQARequest(TaskRequest):
+    image: str = Field(description=IMAGE_DOC)
+    question: str = Field(min_length=1, examples=["what shape is in the image?"])
+    top_k: int = Field(default=3, ge=1)
+
+
+class VQAResponse(Report):
+    answer: str
+    answers: list[ScoredLabel]
+
+
+class VQA(LabelTask):
+    name = "vqa"
+    summary = "Answer a question about an image."
+    request = VQARequest
+    response = VQAResponse
+    keys = ("answer", "answers")
+    asks = True
+    demo_checkpoint = "vqa"
+    json_example = {"image": PNG_EXAMPLE, "question": "what color is the shape?", "compression": "medium"}
+    form_fields = {"question": {"type": "string"}, "top_k": {"type": "integer"}}
+
+    def serves(self, model) -> bool:
+        return model.takes_text and model.head == "classifier"
+
+    def scores(self, model: BatchModel, logits: np.ndarray) -> np.ndarray:
+        """Softmax for single-label answer heads (the demo models); sigmoid for VQAv2-style
+        multi-label ones."""
+        return softmax(logits) if model.single_label else sigmoid(logits)
+
+    def warmup_items(self, ctx) -> list[LabelItem]:
+        question = "what shape is in the image?"
+        pixels = np.zeros((3, ctx.image_size, ctx.image_size), dtype=np.float32)
+        return [LabelItem(pixels, 1, question, ctx.text_length([question]))]
+
+
+register_task(VQA())
