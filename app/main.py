@@ -100,7 +100,8 @@ def openapi(app: FastAPI) -> dict:
                     props = content.get("schema", {}).get("properties", {})
                     if "method" in props:
                         props["method"]["description"] = (
-                            f"reduction method, one of {methods} that applies to the model (GET /v1/models lists them); default: the model's"
+                            f"reduction method, one of {methods} that applies to the model "
+                            "(GET /v1/models lists them); default: the model's"
                         )
                         props["method"]["examples"] = methods
         app.openapi_schema = schema

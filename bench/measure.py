@@ -1,10 +1,11 @@
-"""Timing and peak memory of zero-argument model calls, and the machine they ran on."""
+"""Timing and peak memory of zero-argument model calls, and the machine and versions they ran on."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -118,7 +119,7 @@ def cpu_model() -> str:
 def git_state() -> dict | None:
     """The commit, and the model files changed since (figures depend on the working tree); None
     outside a git checkout."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
@@ -142,3 +143,19 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def environment(command: str, device: torch.device | None = None) -> dict:
+    """What a study's JSON starts with: the machine (CPU unless told), the versions and the command."""
+    return {"machine": machine(device or torch.device("cpu")), "versions": versions(), "command": command}
+
+
+def module_command(module: str, argv: list[str]) -> str:
+    """The command line of `python -m <module> <argv>`, as recorded in a result file."""
+    return shlex.join(["python", "-m", module, *argv])

@@ -6,17 +6,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import platform
 import time
 
 import torch
-import transformers
 from tqdm import tqdm
 
-from models import NO_REDUCTION
-from models.benchmark.measure import git_state, machine, peak_bytes, speed_stats, time_interleaved
-from models.benchmark.subjects import METRIC, SUBJECTS, Subject, load_subject
-from models.benchmark.variants import Variant, flops_at
+from bench.measure import git_state, machine, peak_bytes, speed_stats, time_interleaved, versions
+from bench.subjects import METRIC, SUBJECTS, Subject, load_subject
+from bench.variants import Variant, flops_at
+from models.plan import NO_REDUCTION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +63,7 @@ def rounds_for(calls: dict, settings: Settings, device: torch.device) -> int:
 def bench_subject(subject: Subject, settings: Settings) -> dict:
     device = subject.device
     rows = [describe(subject, v) for v in subject.variants]
-    if subject.pipelines:
+    if subject.bundles:
         for v, row in zip(tqdm(subject.variants, desc=f"{subject.name} accuracy"), rows, strict=True):
             row["metrics"] = subject.accuracy(v, settings.accuracy_limit)
     for row in rows:
@@ -87,12 +85,12 @@ def bench_subject(subject: Subject, settings: Settings) -> dict:
         "name": subject.name,
         "task": subject.task,
         "source": subject.source,
-        "weights": "demo checkpoint" if subject.pipelines else "random",
+        "weights": "demo checkpoint" if subject.bundles else "random",
         "architecture": main.kind,
         "input_size": main.config.image_size,
         "text_tokens": subject.n_text,
-        "metric": METRIC[subject.task] if subject.pipelines else None,
-        "accuracy_items": rows[0]["metrics"]["n"] if subject.pipelines else None,
+        "metric": METRIC[subject.task] if subject.bundles else None,
+        "accuracy_items": rows[0]["metrics"]["n"] if subject.bundles else None,
         "variants": rows,
     }
 
@@ -102,11 +100,7 @@ def run(subjects: list[str] | None, settings: Settings, device: str, command: st
     report = {
         "command": command,
         "machine": machine(dev),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "versions": versions(),
         "git": git_state(),
         "settings": dataclasses.asdict(settings) | {"batches": list(settings.batches)},
         "subjects": [],

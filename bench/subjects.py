@@ -3,24 +3,30 @@ and full-size architectures with random weights on random inputs (speed only).""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from models import ReducibleModel, named_plan, reducible
-from models.benchmark.variants import Variant, input_size, variants_of
+from bench import CHECKPOINTS
+from bench.variants import Variant, input_size, variants_of
+from models.bundle import ModelBundle, load_bundle
 from models.demo import data
-from models.demo.evaluate import METRICS
+from models.families.base import ReducibleModel
+from models.families.registry import reducible
+from models.levels import named_plan
 from models.loading import load_model
 from models.plan import LEVELS
-from models.tasks.pipelines import Pipeline, load_pipeline
 
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-DEMO = ("vqa", "retrieval", "classify")
+# Demo subject -> (its task, its checkpoint folder, further models it holds: slot -> folder). The
+# classify subject also holds the LookupViT classifier, compared with the ViT's `none`.
+DEMO = {
+    "vqa": ("vqa", "vqa", {}),
+    "retrieval": ("retrieval", "retrieval", {}),
+    "classify": ("classify", "classify", {"lookupvit": "classify-lookupvit"}),
+}
+# Full-size subject -> (the task its architecture serves, the random-weight config).
 FULL_SIZE = {
     "vilt-b32": ("vqa", "random:vilt-b32"),
     "vit-s16": ("classify", "random:vit-s16"),
@@ -33,8 +39,9 @@ SEED = 0
 
 
 def text_tokens(rm: ReducibleModel) -> int | None:
-    """Question tokens of every timed input: ViLT's limit, the length FLOPs are counted at."""
-    return rm.config.max_position_embeddings if rm.family == "vilt" else None
+    """Text tokens of every timed input: the model's limit, the length FLOPs are counted at (None
+    for a model that takes no text)."""
+    return rm.max_text_tokens
 
 
 @dataclass
@@ -44,7 +51,7 @@ class Subject:
     source: str
     models: dict[str, ReducibleModel]
     variants: list[Variant]
-    pipelines: dict[str, Pipeline] = field(default_factory=dict)  # demo subjects only
+    bundles: dict[str, ModelBundle] = field(default_factory=dict)  # demo subjects only
     split: data.Split | None = None
 
     @property
@@ -67,68 +74,64 @@ class Subject:
         ids = split.fact_ids()[:batch]
         return split.images[ids], [data.caption(*split.facts[int(i)]) for i in ids]
 
-    def inputs(self, batch: int, size: int) -> dict[str, torch.Tensor]:
-        dev, main = self.device, self.main
-        if self.pipelines:
+    def inputs(self, batch: int, size: int, model: str = "main") -> dict[str, torch.Tensor]:
+        """The inputs of `model` for a batch at `size` px: the first test items (demo subjects, texts
+        padded to the model's limit), else random inputs of the right shapes."""
+        if self.bundles:
             images, texts = self._images(batch)
-            pipeline = self.pipelines["main"]
-            pixels = dataclasses.replace(pipeline.preprocess, size=size).from_uint8(images).to(dev)
-            if main.family != "vilt":
-                return {"pixel_values": pixels}
-            return {"pixel_values": pixels, **pipeline.encode_texts(texts, self.n_text)}
-        g = torch.Generator().manual_seed(SEED)
-        pixels = torch.randn(batch, 3, size, size, generator=g).to(dev)
-        if main.family != "vilt":
-            return {"pixel_values": pixels}
-        ids = torch.randint(1, main.config.vocab_size, (batch, self.n_text), generator=g).to(dev)
-        return {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            bundle = self.bundles[model]
+            pixels = dataclasses.replace(bundle.preprocess, size=size).from_uint8(images)
+            return bundle.inputs(pixels, texts, text_tokens(bundle.model))
+        rm = self.models[model]
+        x = rm.family.example_inputs(rm, batch, text_length=text_tokens(rm) or 0, size=size, seed=SEED)
+        return {name: x[name].to(self.device) for name in rm.input_names}
 
     def call(self, variant: Variant, batch: int) -> Callable:
         """A zero-argument reduced forward of `variant` on a fixed batch (inference mode)."""
         rm = self.models[variant.model]
-        x = self.inputs(batch, variant.size)
+        x = self.inputs(batch, variant.size, variant.model)
 
         @torch.inference_mode()
         def run():
-            if rm.family == "vilt":
-                return rm(
-                    x["input_ids"], x["pixel_values"], attention_mask=x["attention_mask"], plan=variant.plan
-                )
-            return rm(x["pixel_values"], plan=variant.plan)
+            return rm(**x, plan=variant.plan)
 
         return run
 
     def accuracy(self, variant: Variant, limit: int | None) -> dict | None:
         """The task's metrics on the easy-VQA test split (demo subjects), at the variant's input size."""
-        if not self.pipelines:
+        if not self.bundles:
             return None
-        pipeline = copy.copy(self.pipelines[variant.model])
-        pipeline.preprocess = dataclasses.replace(pipeline.preprocess, size=variant.size)
-        metrics = METRICS[self.task](pipeline, self.split, variant.plan, limit)
+        from models.demo.evaluate import METRICS
+
+        bundle = self.bundles[variant.model]
+        bundle = dataclasses.replace(bundle, preprocess=dataclasses.replace(bundle.preprocess, size=variant.size))
+        metrics = METRICS[self.task](bundle, self.split, variant.plan, limit)
         if self.task == "retrieval":
             metrics["recall@1"] = (metrics["image_to_text_r1"] + metrics["text_to_image_r1"]) / 2
         return metrics
 
 
-def demo_subject(task: str, device: str) -> Subject:
-    pipeline = load_pipeline(task, CHECKPOINTS / task, device=device)
-    rm = pipeline.model
+def demo_subject(name: str, device: str) -> Subject:
+    task, folder, others = DEMO[name]
+    bundle = load_bundle(CHECKPOINTS / folder, device=device)
+    rm = bundle.model
     subject = Subject(
-        name=task,
+        name=name,
         task=task,
-        source=f"models/checkpoints/{task}",
+        source=f"models/checkpoints/{folder}",
         models={"main": rm},
         variants=variants_of(rm, n_text=text_tokens(rm)),
-        pipelines={"main": pipeline},
+        bundles={"main": bundle},
         split=data.load_split("test"),
     )
-    if task == "classify":  # LookupViT is a classifier of its own, compared with the ViT's `none`
-        lookup = load_pipeline(task, CHECKPOINTS / "classify-lookupvit", device=device)
-        subject.models["lookupvit"] = lookup.model
-        subject.pipelines["lookupvit"] = lookup
+    for slot, other_folder in others.items():  # a model of its own: its levels, no resolution baseline
+        other = load_bundle(CHECKPOINTS / other_folder, device=device)
+        om = other.model
+        subject.models[slot] = om
+        subject.bundles[slot] = other
+        method = om.default_method
         subject.variants += [
-            Variant("lookupvit", lv, named_plan(lookup.model, lv), input_size(lookup.model), "lookupvit")
-            for lv in LEVELS
+            Variant(method, lv, named_plan(om, lv, method), input_size(om), slot) for lv in LEVELS
         ]
     return subject
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models import NO_REDUCTION, ReducibleModel, ReductionPlan, named_plan
-from models.levels import DEFAULT_METHOD
-from models.plan import LEVELS
+from models.families.base import ReducibleModel
+from models.levels import named_plan
+from models.plan import LEVELS, NO_REDUCTION, ReductionPlan
 
 RESOLUTION = "resolution"
 
@@ -32,20 +32,13 @@ def input_size(rm: ReducibleModel) -> int:
     return int(rm.config.image_size)
 
 
-def image_tokens_at(rm: ReducibleModel, size: int) -> int:
-    """Image tokens (with [CLS] and other protected tokens) of a size x size input."""
-    cfg = rm.config
-    nominal = rm.nominal_tokens()[1]
-    return nominal - (cfg.image_size // cfg.patch_size) ** 2 + (size // cfg.patch_size) ** 2
-
-
 def flops_at(rm: ReducibleModel, plan: ReductionPlan, size: int, n_text: int | None = None) -> int:
-    return rm.flops(plan, n_text=n_text, n_image=image_tokens_at(rm, size))
+    return rm.flops(plan, n_text=n_text, n_image=rm.image_tokens_at(size))
 
 
 def resolution_sizes(rm: ReducibleModel, n_text: int | None = None) -> dict[str, int]:
     """Per level, the smaller input side (a multiple of the patch) whose FLOPs saving is closest to
-    that of the family's default method at that level: the baseline at matched cost."""
+    that of the model's default method at that level: the baseline at matched cost."""
     full = rm.config.image_size
     patch = rm.config.patch_size
     unreduced = flops_at(rm, NO_REDUCTION, full, n_text)
@@ -56,7 +49,7 @@ def resolution_sizes(rm: ReducibleModel, n_text: int | None = None) -> dict[str,
 
     sizes = {}
     for level in LEVELS[1:]:
-        target = saved(named_plan(rm, level, DEFAULT_METHOD[rm.family]), full)
+        target = saved(named_plan(rm, level, rm.default_method), full)
         sizes[level] = min(candidates, key=lambda s, t=target: abs(saved(NO_REDUCTION, s) - t))
     return sizes
 

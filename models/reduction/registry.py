@@ -85,7 +85,7 @@ def get_method(name: str, layout: str) -> ReductionMethod:
     except KeyError:
         raise ValueError(
             f"method {name!r} does not apply to a {layout} model; use one of {methods_for(layout)}"
-        )
+        ) from None
 
 
 def methods_for(layout: str) -> tuple[str, ...]:
