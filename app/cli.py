@@ -103,15 +103,15 @@ def serve(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from models.demo.cli import register as register_demo
-
-    from app.tasks.base import tasks
-    from bench.cli import register as register_bench
-    from exporters.formats import DEFAULT_OPSET, FORMATS
-
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
+    # Torch-free modules: the help of every command answers without loading a model library.
+    from app.tasks.base import tasks
+    from bench.cli import register as register_bench
+    from exporters.formats import DEFAULT_OPSET, FORMATS
+    from models.demo.cli import register as register_demo
+
     parser = argparse.ArgumentParser(prog="tokenlean", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="start the HTTP service (see `tokenlean serve --help`)", add_help=False)

@@ -34,7 +34,7 @@ def export_onnx(graph: torch.nn.Module, example: tuple[torch.Tensor, ...], path:
     import onnx
 
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = {name: {0: batch} for name in graph.input_names}
+    dynamic = {"inputs": tuple({0: batch} for _ in graph.input_names)}  # PlanGraph.forward(*inputs)
     # The exporter reports every step on stdout; keep the progress bar readable.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -75,8 +75,13 @@ class ReductionPlan:
             raise ValueError("connectivity order must be >= 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError("alpha must be in [0, 1]")
-        if self.grid < 0 or (self.grid > 0 and self.method == "none"):
-            raise ValueError("grid must be >= 1 on a grid method's plan, and 0 otherwise")
+        if self.method != "none":
+            from models.reduction.registry import chooses_grid
+
+            if chooses_grid(self.method) != (self.grid > 0):
+                raise ValueError(f"a {self.method} plan needs a grid >= 1 only if the method chooses a grid")
+        elif self.grid:
+            raise ValueError("the unreduced plan has no grid")
 
     @property
     def removes_nothing(self) -> bool:

@@ -107,3 +107,10 @@ def plan_parameters(name: str) -> tuple[str, ...]:
         if method == name:
             return impl.plan_parameters
     return ()
+
+
+def chooses_grid(name: str) -> bool:
+    """A method of a compressed-grid architecture: its plans name a grid instead of layers."""
+    _load_builtins()
+    layouts = {layout for method, layout in _METHODS if method == name}
+    return bool(layouts) and layouts <= {GRID}

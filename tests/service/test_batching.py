@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from app.batching import MicroBatcher
-from app.errors import APIError
+from app.errors import Overloaded, Unavailable
+from app.http_errors import headers_of, status_of
 
 
 class Recorder:
@@ -78,7 +79,7 @@ def test_full_queue_is_refused_with_503_and_retry_after():
         await asyncio.sleep(0.05)  # the first item is running, the gate holds it
         queued = [asyncio.ensure_future(b.submit("p", i)) for i in (1, 2)]
         await asyncio.sleep(0.01)
-        with pytest.raises(APIError) as refused:
+        with pytest.raises(Overloaded) as refused:
             await b.submit("p", 3)
         gate.set()
         await asyncio.gather(first, *queued)
@@ -86,7 +87,7 @@ def test_full_queue_is_refused_with_503_and_retry_after():
         return refused.value
 
     error = run(scenario())
-    assert error.status == 503 and error.headers["Retry-After"]
+    assert status_of(error)[0] == 503 and headers_of(error)["Retry-After"]
 
 
 def test_close_finishes_queued_requests_then_refuses_new_ones():
@@ -98,13 +99,13 @@ def test_close_finishes_queued_requests_then_refuses_new_ones():
         pending = [asyncio.ensure_future(b.submit("p", i)) for i in range(3)]
         await asyncio.sleep(0.01)
         await b.close(5)
-        with pytest.raises(APIError) as refused:
+        with pytest.raises(Unavailable) as refused:
             await b.submit("p", 9)
         return [p.result()[0] for p in pending], refused.value
 
     results, refused = run(scenario())
     assert results == ["p:0", "p:1", "p:2"]
-    assert refused.status == 503
+    assert status_of(refused)[0] == 503
 
 
 def test_a_failing_batch_fails_its_requests_and_the_loop_survives():
@@ -134,11 +135,11 @@ def test_close_fails_a_batch_still_in_the_model_when_time_runs_out():
         pending = asyncio.ensure_future(b.submit("p", 0))
         await asyncio.sleep(0.05)
         await b.close(0.05)
-        with pytest.raises(APIError) as failed:
+        with pytest.raises(Unavailable) as failed:
             await asyncio.wait_for(pending, 1)
         return failed.value
 
-    assert run(scenario()).status == 503
+    assert status_of(run(scenario()))[0] == 503
 
 
 def test_a_cancelled_request_leaves_the_queue_at_once():

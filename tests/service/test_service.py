@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.errors import overloaded
+from app.errors import Overloaded
 from app.main import create_app, default_factory
 from app.settings import Settings
 
@@ -249,7 +249,7 @@ def test_overload_is_503_with_retry_after_and_counted(client, monkeypatch):
     svc = client.app.state.services["classify"]
 
     async def refuse(*args, **kwargs):
-        raise overloaded()
+        raise Overloaded("full")
 
     monkeypatch.setattr(svc.batcher, "submit", refuse)
     r = client.post("/v1/classify", json={"image": B64})

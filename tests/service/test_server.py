@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import Settings
 from models.demo import data
-from models.tasks.pipelines import load_pipeline
+from models.bundle import load_bundle
 
 LEVELS = ["none", "low", "medium", "high", "0.35"]
 
@@ -89,7 +89,7 @@ def test_concurrent_requests_match_direct_calls_and_metrics_add_up(server):
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, cases))
 
-    direct = load_pipeline("vqa", Settings().models.vqa.checkpoint)  # what the server loaded
+    direct = load_bundle(Settings().models["vqa"].checkpoint)  # what the server loaded
     from models import resolve
 
     with torch.inference_mode():
@@ -97,9 +97,11 @@ def test_concurrent_requests_match_direct_calls_and_metrics_add_up(server):
             plan = resolve(direct.model, level)
             assert body["compression"]["plan"] == plan.to_dict()
             image = Image.open(io.BytesIO(images[i]))
-            [expected], trace = direct.answer([image], [split.questions[i]], plan, top_k=3)
-            assert body["answer"] == expected[0].label
-            assert abs(body["answers"][0]["score"] - expected[0].score) < 1e-4
+            out = direct.forward(direct.preprocess([image]), [split.questions[i]], plan)
+            score, label = out.logits.float().softmax(-1)[0].max(-1)
+            trace = out.trace
+            assert body["answer"] == direct.labels()[int(label)]
+            assert abs(body["answers"][0]["score"] - float(score)) < 1e-4
             assert body["tokens"]["per_layer"] == list(trace.tokens)
 
     after = scrape(server)

@@ -8,7 +8,7 @@ from conftest import build_vilt, build_vision, pixels, vilt_inputs
 from transformers import ViltConfig, ViltForQuestionAnswering, ViTConfig, ViTForImageClassification
 
 from models import LayerSpec, ReductionPlan, named_plan, reducible
-from models.levels import scaled_layers
+from models.reduction.schedule import scaled_layers
 
 LEVELS = ("low", "medium", "high")
 

@@ -22,9 +22,9 @@ from exporters.manifest import ManifestError, file_sha256, load_manifest, weight
 from exporters.runtime import GraphSet, check_compatible, onnx_providers
 from models import named_plan
 from models.plan import LEVELS
-from models.tasks.pipelines import load_pipeline
+from models.bundle import load_bundle
 
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "models" / "checkpoints"
 FORMATS = ("onnx", "torchscript")
 # Questions of several lengths, so every batch of more than one has padded rows.
 QUESTIONS = [
@@ -53,15 +53,15 @@ def exports(tmp_path_factory) -> dict[tuple[str, str], Path]:
 
 @pytest.fixture(scope="module")
 def pipelines():
-    return {task: load_pipeline(task, CHECKPOINTS / task) for task in ("classify", "vqa", "retrieval")}
+    return {task: load_bundle(CHECKPOINTS / task) for task in ("classify", "vqa", "retrieval")}
 
 
 def eager_and_graph(pipeline, graphs: GraphSet, level: str, length: int, batch: int):
     pixels = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
     plan = named_plan(pipeline.model, level)
-    if pipeline.task == "classify":
+    if not pipeline.model.takes_text:
         return pipeline.model(pixels, plan=plan).logits, graphs.run(level, 0, pixels)
-    texts = (QUESTIONS if pipeline.task == "vqa" else CAPTIONS)[:batch]
+    texts = (QUESTIONS if pipeline.model.head == "classifier" else CAPTIONS)[:batch]
     eager = pipeline.forward(pixels, texts, plan, length).logits
     enc = pipeline.encode_texts(texts, length)
     if batch > 1:
@@ -167,7 +167,7 @@ def test_bad_manifests_are_refused(exports, tmp_path):
 
 def test_graphs_from_other_weights_or_task_are_refused(exports, pipelines):
     manifest = load_manifest(exports["classify", "onnx"])
-    other = load_pipeline("classify", CHECKPOINTS / "classify").model
+    other = load_bundle(CHECKPOINTS / "classify").model
     with torch.no_grad():
         next(other.model.parameters()).add_(1e-3)
     with pytest.raises(ManifestError, match="other weights"):
@@ -269,7 +269,7 @@ def test_lookupvit_levels_export_too(tmp_path, fmt):
     with torch.inference_mode(False):
         export_task("classify", checkpoint, tmp_path, fmt, levels=("none", "high"), progress=False)
     graphs = GraphSet(tmp_path, fmt)
-    pipeline = load_pipeline("classify", checkpoint)
+    pipeline = load_bundle(checkpoint)
     check_compatible(graphs.manifest, "classify", pipeline.model)
     assert [g.plan.get("grid") for g in graphs.manifest.graphs] == [None, 1]
     for level in ("none", "high"):
