@@ -86,10 +86,11 @@ def serve(argv: list[str]) -> None:
     import uvicorn
 
     from app.logs import configure
-    from app.main import create_app
     from app.settings import Settings
 
-    settings = Settings(_cli_parse_args=argv)
+    settings = Settings(_cli_parse_args=argv)  # `--help` answers here, before any model library loads
+    from app.main import create_app
+
     log_config = configure(settings.log_format, settings.log_level)
     # One worker per process: every worker would hold its own copy of the models, and the
     # micro-batcher only batches requests that reach the same process. Scale with replicas.
