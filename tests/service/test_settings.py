@@ -1,0 +1,33 @@
+"""Settings: one entry per registered task, from variables and from `tokenlean serve` flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.cli import fold_model_flags
+from app.settings import CHECKPOINTS, Settings
+
+
+def test_every_task_has_settings_and_unnamed_ones_keep_the_demo_checkpoint(monkeypatch):
+    monkeypatch.setenv("TOKENLEAN_MODELS__VQA__CHECKPOINT", "some/hub-id")
+    monkeypatch.setenv("TOKENLEAN_MODELS__CLASSIFY__ENABLED", "false")
+    settings = Settings()
+    assert list(settings.models) == ["vqa", "retrieval", "classify"]
+    assert settings.models["vqa"].checkpoint == "some/hub-id"
+    assert settings.models["retrieval"].checkpoint == str(CHECKPOINTS / "retrieval")
+    assert list(settings.enabled()) == ["vqa", "retrieval"]
+
+
+def test_serve_flags_set_per_task_fields():
+    argv = ["--port", "9", "--models.vqa.checkpoint", "x", "--models.classify.enabled=false"]
+    settings = Settings(_cli_parse_args=fold_model_flags([*argv, "--models.vqa.default-compression", "low"]))
+    assert settings.port == 9 and settings.models["vqa"].checkpoint == "x"
+    assert settings.models["vqa"].default_compression == "low" and not settings.models["classify"].enabled
+    assert fold_model_flags(["--port", "9"]) == ["--port", "9"]
+
+
+def test_unknown_tasks_and_backends_are_refused():
+    with pytest.raises(ValueError, match="unknown task"):
+        Settings(models={"captioning": {}})
+    with pytest.raises(ValueError, match="unknown backend"):
+        Settings(backend="tensorrt")
