@@ -112,7 +112,9 @@ def serve(argv: list[str]) -> None:
     from app.logs import configure
     from app.settings import Settings
 
-    settings = Settings(_cli_parse_args=fold_model_flags(argv))  # `--help` answers here, before any model library loads
+    settings = Settings(
+        _cli_parse_args=fold_model_flags(argv)
+    )  # `--help` answers here, before any model library loads
     from app.main import create_app
 
     log_config = configure(settings.log_format, settings.log_level)

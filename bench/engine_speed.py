@@ -6,7 +6,7 @@ Cases: ViLT-B/32 VQA with PuMer "medium" (throughput), ViT-S/16 with ToMe r=13 i
 (order reversed every other round) after warm-up calls, so machine noise hits them alike; the
 median per-call time over rounds gives throughput, p50/p95 give latency.
 
-    python bench/engine_speed.py [--quick] [--out bench/results/engine_speed.json]
+    python -m bench.engine_speed [--quick] [--out bench/results/engine_speed.json]
 """
 
 from __future__ import annotations
@@ -14,20 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import NO_REDUCTION, LayerSpec, ReductionPlan, named_plan, reducible  # noqa: E402
-from models.benchmark.measure import machine, time_interleaved  # noqa: E402
-from models.loading import load_model  # noqa: E402
+from bench.measure import environment, module_command, time_interleaved
+from models.families.registry import reducible
+from models.levels import named_plan
+from models.loading import load_model
+from models.plan import NO_REDUCTION, LayerSpec, ReductionPlan
 
 SEED = 0
 CPU = torch.device("cpu")
@@ -47,14 +44,14 @@ def vilt_case(batch: int) -> Case:
     hf = load_model("random:vilt-b32", seed=SEED)
     cfg = hf.config
     rm = reducible(hf)
-    ids = torch.randint(1, cfg.vocab_size, (batch, cfg.max_position_embeddings))
-    mask = torch.ones_like(ids)
-    pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
+    ids = torch.randint(1, cfg.vocab_size, (batch, rm.max_text_tokens))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    x["pixel_values"] = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
     plan = named_plan(rm, "medium", "pumer")
     calls = {
-        "hf": lambda: hf(input_ids=ids, attention_mask=mask, pixel_values=pixels),
-        "none": lambda: rm(ids, pixels, attention_mask=mask, plan=NO_REDUCTION),
-        "reduced": lambda: rm(ids, pixels, attention_mask=mask, plan=plan),
+        "hf": lambda: hf(**x),
+        "none": lambda: rm(**x, plan=NO_REDUCTION),
+        "reduced": lambda: rm(**x, plan=plan),
     }
     return Case(
         f"ViLT-B/32 VQA, pumer medium, b{batch}",
@@ -70,12 +67,12 @@ def vit_case(batch: int, mode: str, target: float) -> Case:
     hf = load_model("random:vit-s16", seed=SEED)
     cfg = hf.config
     rm = reducible(hf)
-    pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
+    x = {"pixel_values": torch.randn(batch, 3, cfg.image_size, cfg.image_size)}
     plan = ReductionPlan("tome", (LayerSpec(r=13),) * cfg.num_hidden_layers, level="r13")
     calls = {
-        "hf": lambda: hf(pixel_values=pixels),
-        "none": lambda: rm(pixels, plan=NO_REDUCTION),
-        "reduced": lambda: rm(pixels, plan=plan),
+        "hf": lambda: hf(**x),
+        "none": lambda: rm(**x, plan=NO_REDUCTION),
+        "reduced": lambda: rm(**x, plan=plan),
     }
     return Case(f"ViT-S/16, tome r13, b{batch} {mode}", mode, batch, plan, calls, {"speedup": target})
 
@@ -135,28 +132,16 @@ def print_table(results: list[dict]) -> None:
         print()
 
 
-def environment() -> dict:
-    return {
-        "machine": machine(CPU),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "command": shlex.join(["python", *sys.argv]),
-    }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.engine_speed", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny batches, few rounds")
     parser.add_argument("--out", type=Path, default=Path("bench/results/engine_speed.json"))
     parser.add_argument("--rounds", type=int, default=None, help="rounds for throughput cases")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 15)
     warmup = 1 if args.quick else 3
     vilt_b, vit_b = (2, 2) if args.quick else (16, 32)
-    env = environment()
+    env = environment(module_command(__spec__.name, argv), CPU)
     builders = [
         lambda: vilt_case(vilt_b),
         lambda: vit_case(vit_b, "throughput", 1.5),

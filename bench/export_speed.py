@@ -6,7 +6,7 @@ matters is whether reduction survives export: the speedup of `medium` over `none
 Runtime divided by the same speedup in eager mode (bar: >= 0.9). Models: the three demo
 checkpoints (one per task) and full-size configs with random weights (ViT-S/16, ViLT-B/32).
 
-    python bench/export_speed.py [--quick] [--out bench/results/export_speed.json]
+    python -m bench.export_speed [--quick] [--out bench/results/export_speed.json]
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,23 +22,20 @@ import onnxruntime
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine_speed import CPU, environment  # noqa: E402
+from bench.measure import environment, module_command, time_interleaved
+from exporters.export import export_onnx
+from exporters.formats import DEFAULT_OPSET
+from exporters.runtime import OnnxGraph
+from models.demo.paths import CHECKPOINTS, CLASSIFY, RETRIEVAL, VQA
+from models.levels import named_plan
+from models.loading import load_reducible
+from models.plan import LEVELS
 
-from exporters.export import DEFAULT_OPSET, export_onnx  # noqa: E402
-from exporters.graph import example_inputs, plan_graph  # noqa: E402
-from exporters.runtime import OnnxGraph  # noqa: E402
-from models import named_plan, reducible  # noqa: E402
-from models.benchmark.measure import time_interleaved  # noqa: E402
-from models.levels import DEFAULT_METHOD  # noqa: E402
-from models.loading import load_model  # noqa: E402
-from models.plan import LEVELS  # noqa: E402
-
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
+CPU = torch.device("cpu")
 MODELS = {
-    "demo classify (ViT, tome)": str(CHECKPOINTS / "classify"),
-    "demo vqa (ViLT, pumer)": str(CHECKPOINTS / "vqa"),
-    "demo retrieval (ViLT, pumer)": str(CHECKPOINTS / "retrieval"),
+    "demo classify (ViT, tome)": str(CHECKPOINTS / CLASSIFY),
+    "demo vqa (ViLT, pumer)": str(CHECKPOINTS / VQA),
+    "demo retrieval (ViLT, pumer)": str(CHECKPOINTS / RETRIEVAL),
     "ViT-S/16 224px (random, tome)": "random:vit-s16",
     "ViLT-B/32 384px VQA (random, pumer)": "random:vilt-b32",
 }
@@ -48,21 +44,26 @@ BAR = 0.9
 
 def bench_model(name: str, source: str, batches: dict[int, int], warmup: int, workdir: Path):
     """batches: batch size -> timing rounds."""
-    rm = reducible(load_model(source))
-    text = rm.config.max_position_embeddings if rm.family == "vilt" else 0
-    method = DEFAULT_METHOD[rm.family]
+    rm = load_reducible(source)
+    text = rm.max_text_tokens or 0
+    method = rm.default_method
+
+    def example(batch: int) -> tuple[torch.Tensor, ...]:
+        x = rm.family.example_inputs(rm, batch, text)
+        return tuple(x[name] for name in rm.input_names)
+
     graphs, sessions, plans = {}, {}, {}
     for level in tqdm(LEVELS, desc=f"export {name}", leave=False):
         plans[level] = named_plan(rm, level, method)
-        graphs[level] = plan_graph(rm, plans[level])
+        graphs[level] = rm.family.graph(rm, plans[level])
         path = workdir / f"{abs(hash(source))}-{level}.onnx"
         with torch.inference_mode(False), torch.no_grad():
-            export_onnx(graphs[level], example_inputs(rm, 2, text), path, DEFAULT_OPSET)
+            export_onnx(graphs[level], example(2), path, DEFAULT_OPSET)
         sessions[level] = OnnxGraph(path, "cpu")
 
     rows = []
     for batch, rounds in batches.items():
-        inputs = example_inputs(rm, batch, text)
+        inputs = example(batch)
         calls = {}
         for level in LEVELS:
             calls[f"eager/{level}"] = lambda g=graphs[level], x=inputs: g(*x)
@@ -118,20 +119,20 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.export_speed", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: demo classify only, few rounds")
     parser.add_argument("--out", type=Path, default=Path("bench/results/export_speed.json"))
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: torch's)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)  # ONNX Runtime sessions take the same count
     rounds = args.rounds or (3 if args.quick else 20)
     models = dict(list(MODELS.items())[:1]) if args.quick else MODELS
-    env = environment()
+    env = environment(module_command(__spec__.name, argv), CPU)
     env["versions"]["onnxruntime"] = onnxruntime.__version__
     env["machine"]["threads"] = torch.get_num_threads()
     rows = []

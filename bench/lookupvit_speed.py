@@ -8,7 +8,7 @@ easy-VQA test images; the variants are interleaved round by round (order reverse
 round) after warm-up, and the median per-call time gives items/s. Each variant's accuracy on the
 888 unambiguous easy-VQA test images is measured too.
 
-    python bench/lookupvit_speed.py [--quick] [--out bench/results/lookupvit_speed.json]
+    python -m bench.lookupvit_speed [--quick] [--out bench/results/lookupvit_speed.json]
 """
 
 from __future__ import annotations
@@ -17,51 +17,51 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import NO_REDUCTION, named_plan, plan_for_target  # noqa: E402
-from models.benchmark.measure import time_interleaved  # noqa: E402
-from models.demo import data  # noqa: E402
-from models.demo.evaluate import classify_accuracy  # noqa: E402
-from models.plan import LEVELS  # noqa: E402
-from models.tasks.pipelines import load_pipeline  # noqa: E402
-
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
+from bench.measure import module_command, time_interleaved
+from models.bundle import ModelBundle, load_bundle
+from models.demo import data
+from models.demo.evaluate import METRICS
+from models.demo.paths import CHECKPOINTS, CLASSIFY, CLASSIFY_LOOKUPVIT
+from models.levels import named_plan, plan_for_target
+from models.plan import LEVELS, NO_REDUCTION
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.lookupvit_speed", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: small batch, few rounds")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench/results/lookupvit_speed.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     batch = 4 if args.quick else args.batch
     rounds = args.rounds or (2 if args.quick else 30)
     warmup = 1 if args.quick else 3
 
-    lookup = load_pipeline("classify", CHECKPOINTS / "classify-lookupvit")
-    vit = load_pipeline("classify", CHECKPOINTS / "classify")
+    lookup = load_bundle(CHECKPOINTS / CLASSIFY_LOOKUPVIT)
+    vit = load_bundle(CHECKPOINTS / CLASSIFY)
     split = data.load_split("test")
-    pixels = vit.preprocess.from_uint8(split.images[split.fact_ids()[:batch]])
+    images = split.images[split.fact_ids()[:batch]]
     vit_full = vit.model.flops(NO_REDUCTION)
 
     variants: dict[str, dict] = {}  # name -> {"call", "flops", "plan", ...}
 
-    def add(name: str, pipeline, plan, **extra) -> None:
-        def call(pipeline=pipeline, plan=plan):
-            return pipeline.model(pixels, plan=plan)
+    def add(name: str, bundle: ModelBundle, plan, **extra) -> None:
+        x = bundle.inputs(bundle.preprocess.from_uint8(images))
 
-        flops = pipeline.model.flops(plan)
+        def call(rm=bundle.model, plan=plan):
+            return rm(**x, plan=plan)
+
+        flops = bundle.model.flops(plan)
         limit = 64 if args.quick else None
-        accuracy = classify_accuracy(pipeline, split, plan, limit)["accuracy"]
+        accuracy = METRICS["classify"](bundle, split, plan, limit)["accuracy"]
         variants[name] = {"call": call, "flops": flops, "plan": plan.to_dict(), "accuracy": accuracy, **extra}
 
     add("vit none", vit, NO_REDUCTION, model="vit", level="none")
@@ -107,7 +107,7 @@ def main() -> None:
         "loadavg": os.getloadavg(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "command": shlex.join(["python", *sys.argv]),
+        "command": module_command(__spec__.name, argv),
     }
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)

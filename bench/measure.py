@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from tqdm import tqdm
 
 
@@ -146,9 +147,11 @@ def machine(device: torch.device) -> dict:
 
 
 def versions() -> dict:
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def environment(command: str, device: torch.device | None = None) -> dict:
@@ -156,6 +159,7 @@ def environment(command: str, device: torch.device | None = None) -> dict:
     return {"machine": machine(device or torch.device("cpu")), "versions": versions(), "command": command}
 
 
-def module_command(module: str, argv: list[str]) -> str:
-    """The command line of `python -m <module> <argv>`, as recorded in a result file."""
-    return shlex.join(["python", "-m", module, *argv])
+def module_command(module: str, argv: list[str] | None = None) -> str:
+    """The command line `python -m <module> <argv>` (default: this process's arguments), as a
+    result file records it."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])

@@ -4,7 +4,7 @@
    call (preprocess + reduced forward + postprocess) for the same input, measured in one run.
 2. Batching: throughput at concurrency 16 over throughput at concurrency 1, same level.
 
-    python bench/serving.py [--quick] [--level medium] [--out bench/results/serving.json]
+    python -m bench.serving [--quick] [--level medium] [--out bench/results/serving.json]
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import io
 import json
 import os
 import platform
-import shlex
 import signal
 import socket
 import subprocess
@@ -28,11 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from app.settings import CHECKPOINTS  # noqa: E402
-from models import resolve  # noqa: E402
-from models.demo import data  # noqa: E402
-from models.tasks.pipelines import load_pipeline  # noqa: E402
+from bench.measure import module_command
+from models.bundle import ModelBundle, load_bundle
+from models.demo import data
+from models.demo.paths import CHECKPOINTS, VQA
+from models.levels import resolve
 
 
 def start_server(port: int) -> subprocess.Popen:
@@ -66,14 +65,24 @@ def requests_from_test_split(n: int) -> list[tuple[bytes, str]]:
     return out
 
 
-def direct_latencies(pipeline, items, level: str) -> list[float]:
-    plan = resolve(pipeline.model, level)
+def answer(bundle: ModelBundle, image: Image.Image, question: str, plan, top_k: int = 3) -> list[tuple]:
+    """What the service computes for one VQA request: preprocess, reduced forward, top-k answers
+    (softmax scores for a single-label head, sigmoid for a multi-label one)."""
+    logits = bundle.forward(bundle.preprocess([image]), [question], plan).logits.float()
+    scores = logits.softmax(dim=-1) if bundle.single_label else logits.sigmoid()
+    values, indices = scores[0].topk(min(top_k, scores.shape[-1]))
+    labels = bundle.labels()
+    return [(labels[i], v) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def direct_latencies(bundle: ModelBundle, items, level: str) -> list[float]:
+    plan = resolve(bundle.model, level)
     times = []
     with torch.inference_mode():
         for image_bytes, question in items:
             start = time.perf_counter()
             image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-            pipeline.answer([image], [question], plan)
+            answer(bundle, image, question, plan)
             times.append(time.perf_counter() - start)
     return times
 
@@ -98,24 +107,24 @@ def http_run(base: str, items, level: str, concurrency: int) -> tuple[list[float
     return latencies, len(items) / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--level", default="medium")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     n = 60 if args.quick else 400
     items = requests_from_test_split(n)
     port = free_port()
     proc = start_server(port)
     base = f"http://127.0.0.1:{port}"
     try:
-        pipeline = load_pipeline("vqa", CHECKPOINTS / "vqa")
+        bundle = load_bundle(CHECKPOINTS / VQA)
         http_run(base, items[:20], args.level, 1)  # warm-up, both paths
-        direct_latencies(pipeline, items[:20], args.level)
-        direct = direct_latencies(pipeline, items, args.level)
+        direct_latencies(bundle, items[:20], args.level)
+        direct = direct_latencies(bundle, items, args.level)
         http1, thr1 = http_run(base, items, args.level, 1)
-        direct_again = direct_latencies(pipeline, items, args.level)  # bracket the HTTP run
+        direct_again = direct_latencies(bundle, items, args.level)  # bracket the HTTP run
         _, thr16 = http_run(base, items, args.level, 16)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -124,7 +133,7 @@ def main() -> None:
     result = {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "command": shlex.join(["python", *sys.argv]),
+        "command": module_command(__spec__.name, argv),
         "level": args.level,
         "requests": n,
         "direct_p50_ms": direct_p50 * 1e3,

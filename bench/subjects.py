@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench import CHECKPOINTS
 from bench.variants import Variant, input_size, variants_of
 from models.bundle import ModelBundle, load_bundle
 from models.demo import data
+from models.demo.evaluate import METRICS
+from models.demo.paths import CHECKPOINTS, CLASSIFY, CLASSIFY_LOOKUPVIT, RETRIEVAL, VQA
 from models.families.base import ReducibleModel
 from models.families.registry import reducible
 from models.levels import named_plan
@@ -22,9 +23,9 @@ from models.plan import LEVELS
 # Demo subject -> (its task, its checkpoint folder, further models it holds: slot -> folder). The
 # classify subject also holds the LookupViT classifier, compared with the ViT's `none`.
 DEMO = {
-    "vqa": ("vqa", "vqa", {}),
-    "retrieval": ("retrieval", "retrieval", {}),
-    "classify": ("classify", "classify", {"lookupvit": "classify-lookupvit"}),
+    "vqa": ("vqa", VQA, {}),
+    "retrieval": ("retrieval", RETRIEVAL, {}),
+    "classify": ("classify", CLASSIFY, {"lookupvit": CLASSIFY_LOOKUPVIT}),
 }
 # Full-size subject -> (the task its architecture serves, the random-weight config).
 FULL_SIZE = {
@@ -83,7 +84,8 @@ class Subject:
             pixels = dataclasses.replace(bundle.preprocess, size=size).from_uint8(images)
             return bundle.inputs(pixels, texts, text_tokens(bundle.model))
         rm = self.models[model]
-        x = rm.family.example_inputs(rm, batch, text_length=text_tokens(rm) or 0, size=size, seed=SEED)
+        # Unpadded texts at the model's limit: the length FLOPs are counted at.
+        x = rm.family.example_inputs(rm, batch, text_tokens(rm) or 0, size, SEED, padded=False)
         return {name: x[name].to(self.device) for name in rm.input_names}
 
     def call(self, variant: Variant, batch: int) -> Callable:
@@ -101,10 +103,10 @@ class Subject:
         """The task's metrics on the easy-VQA test split (demo subjects), at the variant's input size."""
         if not self.bundles:
             return None
-        from models.demo.evaluate import METRICS
-
         bundle = self.bundles[variant.model]
-        bundle = dataclasses.replace(bundle, preprocess=dataclasses.replace(bundle.preprocess, size=variant.size))
+        bundle = dataclasses.replace(
+            bundle, preprocess=dataclasses.replace(bundle.preprocess, size=variant.size)
+        )
         metrics = METRICS[self.task](bundle, self.split, variant.plan, limit)
         if self.task == "retrieval":
             metrics["recall@1"] = (metrics["image_to_text_r1"] + metrics["text_to_image_r1"]) / 2

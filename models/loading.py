@@ -8,7 +8,13 @@ import transformers
 from torch import nn
 
 from models.families.base import ReducibleModel
-from models.families.registry import custom_architecture, random_config, random_config_names, reducible
+from models.families.registry import (
+    custom_architecture,
+    families,
+    random_config,
+    random_config_names,
+    reducible,
+)
 
 RANDOM = "random:"
 
@@ -25,8 +31,7 @@ def load_model(name_or_path: str, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         config = getattr(transformers, spec.config_class)(**spec.kwargs)
         return getattr(transformers, spec.architecture)(config).eval()
-    # Families with their own architectures registered their configs with AutoConfig on import.
-    custom_architecture("")
+    families()  # families with architectures of their own register their configs with AutoConfig
     config = transformers.AutoConfig.from_pretrained(name_or_path)
     architectures = config.architectures or []
     cls = None

@@ -84,9 +84,17 @@ class ModelFamily(ABC):
         return PlanGraph(model, plan).eval()
 
     def example_inputs(
-        self, model: ReducibleModel, batch: int, text_length: int = 0, size: int | None = None, seed: int = 0
+        self,
+        model: ReducibleModel,
+        batch: int,
+        text_length: int = 0,
+        size: int | None = None,
+        seed: int = 0,
+        padded: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Random inputs of the right shapes and dtypes (export tracing, random-weight benchmarks)."""
+        """Random inputs of the right shapes and dtypes (export tracing, random-weight benchmarks).
+        padded: some texts are shorter than text_length (the path an exporter must trace); False
+        gives every row text_length real tokens (the length FLOPs are counted at)."""
         cfg = model.config
         size = size or cfg.image_size
         g = torch.Generator().manual_seed(seed)

@@ -182,14 +182,15 @@ class ViltFamily(ModelFamily):
         # The mask is applied even when it masks nothing: one graph serves padded and unpadded batches.
         return PlanGraph(model, plan, always_mask=True).eval()
 
-    def example_inputs(self, model, batch, text_length=0, size=None, seed=0):
-        """Half of the texts are padded, so the padding path is the one an exporter traces."""
-        inputs = super().example_inputs(model, batch, text_length, size, seed)
+    def example_inputs(self, model, batch, text_length=0, size=None, seed=0, padded=True):
+        """With padding, every other text is cut to half the length."""
+        inputs = super().example_inputs(model, batch, text_length, size, seed, padded)
         g = torch.Generator().manual_seed(seed + 1)
         text_length = text_length or model.max_text_tokens
         ids = torch.randint(1, model.config.vocab_size, (batch, text_length), generator=g)
         mask = torch.ones(batch, text_length, dtype=torch.long)
-        mask[::2, max(1, text_length // 2) :] = 0
+        if padded:
+            mask[::2, max(1, text_length // 2) :] = 0
         return {"input_ids": ids * mask, "attention_mask": mask, **inputs}
 
 

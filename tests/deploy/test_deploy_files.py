@@ -195,11 +195,17 @@ def test_dockerignore_matcher_follows_dockers_rules():
 
 def test_dockerignore_keeps_the_context_to_what_images_copy():
     rules = dockerignore_rules()
-    for path in (".venv/bin/python", ".git/config", "tests/test_server.py", "bench/serving.py", ".env"):
+    for path in (
+        ".venv/bin/python",
+        ".git/config",
+        "tests/service/test_server.py",
+        "bench/results/bench.json",
+        ".env",
+    ):
         assert excluded(path, rules), f"{path} would be sent to the Docker daemon"
     for path in ("app/__pycache__/main.cpython-311.pyc", "models/__pycache__/plan.cpython-311.pyc"):
         assert excluded(path, rules)
-    for path in ("pyproject.toml", "models/checkpoints/vqa/model.safetensors", "app/main.py"):
+    for path in ("pyproject.toml", "models/checkpoints/vqa/model.safetensors", "app/main.py", "bench/cli.py"):
         assert not excluded(path, rules), f"{path} is needed by the images"
 
 
@@ -342,7 +348,7 @@ def test_dockerfile_configuration_agrees_with_the_settings(kind, monkeypatch):
     assert settings.device == ("cuda" if kind == "gpu" else "cpu")
     # The demo checkpoints are baked in and every task points at its copy.
     for task in TASKS:
-        checkpoint = getattr(settings.models, task).checkpoint
+        checkpoint = settings.models[task].checkpoint
         assert checkpoint.startswith("/"), f"{task}: {checkpoint}"
         repo = container_path_to_repo(checkpoint, kind)
         assert repo is not None, f"{task}: {checkpoint} is not copied into the image"

@@ -70,15 +70,17 @@ def test_cli_help_imports_no_tensor_library():
         )
         result = python(code)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip().splitlines()[-1] == "[]", f"tokenlean {command} --help imported heavy modules"
+        assert result.stdout.strip().splitlines()[-1] == "[]", (
+            f"tokenlean {command} --help imported heavy modules"
+        )
     with pytest.raises(SystemExit):
         main(["--help"])
 
 
 def test_serve_help_imports_no_tensor_library():
     code = (
-        "import sys\nfrom app.cli import main\ntry:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
-        f"print(sorted(m for m in {HEAVY} if m in sys.modules))"
+        "import sys\nfrom app.cli import main\ntry:\n    main(['serve', '--help'])\n"
+        f"except SystemExit:\n    pass\nprint(sorted(m for m in {HEAVY} if m in sys.modules))"
     )
     result = python(code)
     assert result.returncode == 0, result.stderr

@@ -21,8 +21,8 @@ from exporters.export import export_task
 from exporters.manifest import ManifestError, file_sha256, load_manifest, weights_sha256
 from exporters.runtime import GraphSet, check_compatible, onnx_providers
 from models import named_plan
-from models.plan import LEVELS
 from models.bundle import load_bundle
+from models.plan import LEVELS
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "models" / "checkpoints"
 FORMATS = ("onnx", "torchscript")

@@ -36,7 +36,9 @@ class DropLast(ReductionMethod):
     R = {"low": 2, "medium": 4, "high": 6}
 
     def level_plan(self, model, level):
-        return ReductionPlan(method=self.name, level=level, layers=every_layer(model, LayerSpec(r=self.R[level])))
+        return ReductionPlan(
+            method=self.name, level=level, layers=every_layer(model, LayerSpec(r=self.R[level]))
+        )
 
     def candidates(self, model):
         return [ReductionPlan(method=self.name, layers=every_layer(model, LayerSpec(r=r))) for r in range(8)]
@@ -147,7 +149,9 @@ def test_a_registered_method_is_served_listed_and_documented(toy_method):
 
 
 def test_a_method_is_refused_where_its_layout_does_not_apply(toy_method):
-    with TestClient(create_app(Settings(models={"classify": {"enabled": False}, "retrieval": {"enabled": False}}))) as c:
+    with TestClient(
+        create_app(Settings(models={"classify": {"enabled": False}, "retrieval": {"enabled": False}}))
+    ) as c:
         wait_ready(c)
         r = c.post("/v1/vqa", json={"image": B64, "question": "what shape?", "method": toy_method})
         assert r.status_code == 422 and "pumer" in r.json()["error"]["message"]
@@ -172,9 +176,14 @@ def test_a_registered_task_gets_its_route_settings_and_metrics(toy_task):
     assert set(settings.models) == {"vqa", "retrieval", "classify", toy_task}
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
-        r = client.post(f"/v1/{toy_task}", files={"image": ("a.png", png_bytes())}, data={"compression": "low"})
+        r = client.post(
+            f"/v1/{toy_task}", files={"image": ("a.png", png_bytes())}, data={"compression": "low"}
+        )
         assert r.status_code == 200, r.text
         assert 0 < r.json()["confidence"] <= 1 and r.json()["compression"]["level"] == "low"
         assert client.post("/v1/classify", json={"image": B64}).status_code == 404
-        assert f'tokenlean_requests_total{{level="low",status="2xx",task="{toy_task}"}}' in client.get("/metrics").text
+        assert (
+            f'tokenlean_requests_total{{level="low",status="2xx",task="{toy_task}"}}'
+            in client.get("/metrics").text
+        )
         assert f"/v1/{toy_task}" in client.get("/openapi.json").json()["paths"]

@@ -20,8 +20,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import Settings
-from models.demo import data
 from models.bundle import load_bundle
+from models.demo import data
 
 LEVELS = ["none", "low", "medium", "high", "0.35"]
 

@@ -1,26 +1,39 @@
-"""`tokenlean bench`: the measurements, the variants it compares, and the committed results."""
+"""`tokenlean bench` and the bench package: the measurements, the variants it compares, the
+command, the studies' entry points, and the committed results."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import build_vision
 
-from app.cli import main
+from bench import cli, measure, report
+from bench.subjects import SUBJECTS
+from bench.variants import flops_at, resolution_sizes, variants_of
 from models import NO_REDUCTION, named_plan, reducible
-from models.benchmark import measure, report
-from models.benchmark.subjects import SUBJECTS
-from models.benchmark.variants import flops_at, image_tokens_at, resolution_sizes, variants_of
-from models.levels import DEFAULT_METHOD
 from models.loading import load_reducible
 from models.plan import LEVELS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs" / "benchmarks.md"
+STUDIES = ("engine_speed", "export_speed", "fidelity", "lookupvit_speed", "serving")
 MiB = 2**20
+
+
+def tokenlean(argv: list[str]) -> None:
+    """`tokenlean <argv>` with the bench sub-command registered as app/cli.py registers it."""
+    parser = argparse.ArgumentParser(prog="tokenlean")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
 
 
 def test_cpu_peak_counts_live_tensors_not_the_sum_of_allocations():
@@ -64,14 +77,14 @@ def test_rounds_interleave_every_variant_in_alternating_order():
 @pytest.mark.parametrize("checkpoint", ["vqa", "classify"])
 def test_resolution_baseline_matches_the_default_methods_flops(checkpoint):
     rm = load_reducible(str(ROOT / "models" / "checkpoints" / checkpoint))
-    n_text = rm.config.max_position_embeddings if rm.family == "vilt" else None
+    n_text = rm.max_text_tokens
     full, patch = rm.config.image_size, rm.config.patch_size
     unreduced = flops_at(rm, NO_REDUCTION, full, n_text)
     sizes = resolution_sizes(rm, n_text)
     assert set(sizes) == set(LEVELS[1:])
     for level, size in sizes.items():
         assert size % patch == 0 and patch <= size < full
-        target = 1 - flops_at(rm, named_plan(rm, level, DEFAULT_METHOD[rm.family]), full, n_text) / unreduced
+        target = 1 - flops_at(rm, named_plan(rm, level, rm.default_method), full, n_text) / unreduced
         error = abs(1 - flops_at(rm, NO_REDUCTION, size, n_text) / unreduced - target)
         for other in range(patch, full, patch):
             assert error <= abs(1 - flops_at(rm, NO_REDUCTION, other, n_text) / unreduced - target) + 1e-12
@@ -87,20 +100,26 @@ def test_vit_at_a_smaller_input_equals_transformers_with_interpolated_positions(
     with torch.inference_mode():
         ours = rm(px, plan=NO_REDUCTION)
         ref = model(pixel_values=px, interpolate_pos_encoding=True).logits
-    assert ours.trace.tokens[0] == image_tokens_at(rm, 24) == (24 // 4) ** 2 + 1
+    assert ours.trace.tokens[0] == rm.image_tokens_at(24) == (24 // 4) ** 2 + 1
     assert (ours.logits - ref).abs().max().item() <= 1e-5
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    main(["bench", "--quick", "--only", "classify", "--only", "vqa", "--out", str(out)])
+    docs = out / "benchmarks.md"
+    docs.write_text(f"intro\n{report.DOCS_BEGIN}\nold\n{report.DOCS_END}\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "DOCS", docs)  # the default page: a quick run must leave it alone
+        tokenlean(["bench", "--quick", "--only", "classify", "--only", "vqa", "--out", str(out)])
+    assert docs.read_text() == f"intro\n{report.DOCS_BEGIN}\nold\n{report.DOCS_END}\n"
     return out, json.loads((out / "bench.json").read_text())
 
 
 def test_quick_run_covers_every_method_level_and_baseline(quick_run):
-    _, results = quick_run
-    assert results["quick"] and results["command"].startswith("tokenlean bench --quick")
+    out, results = quick_run
+    assert results["quick"]
+    assert results["command"] == f"tokenlean bench --quick --only classify --only vqa --out {out}"
     assert {"platform", "cpu_count", "torch_num_threads", "device"} <= set(results["machine"])
     expected = {
         "classify": {"tome", "tcvit", "evit", "lookupvit", "resolution"},
@@ -143,30 +162,89 @@ def test_quick_run_writes_tables_and_plots_from_its_json(quick_run):
     assert f"{report.num(first['speed']['1']['items_per_s'])} ({first['speed']['1']['gain']:.2f}x)" in table
 
 
-def test_readme_block_is_replaced_and_a_readme_without_one_is_refused(quick_run, tmp_path):
+def test_docs_block_is_replaced_and_a_page_without_one_is_refused(quick_run, tmp_path):
     _, results = quick_run
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\noutro\n")
-    report.update_readme(readme, results)
-    assert report.readme_block(readme) == report.markdown(results)
-    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("outro\n")
-    readme.write_text("no block\n")
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"intro\n{report.DOCS_BEGIN}\nold\n{report.DOCS_END}\noutro\n")
+    report.update_docs(page, results)
+    assert report.docs_block(page) == report.markdown(results)
+    assert page.read_text().startswith(f"intro\n{report.DOCS_BEGIN}\n")
+    assert page.read_text().endswith(f"{report.DOCS_END}\noutro\n")
+    page.write_text("no block\n")
     with pytest.raises(ValueError, match="no benchmark block"):
-        report.update_readme(readme, results)
+        report.update_docs(page, results)
 
 
-def test_committed_results_are_a_full_run_and_match_the_readme():
+def test_committed_results_are_a_full_run_and_match_the_docs():
     results = json.loads((RESULTS / "bench.json").read_text())
     assert not results["quick"] and results["settings"]["batches"] == [1, 16]
     assert [s["name"] for s in results["subjects"]] == list(SUBJECTS)
-    assert report.readme_block(ROOT / "README.md") == report.markdown(results)
+    assert report.docs_block(DOCS) == report.markdown(results)
     assert (RESULTS / "bench.md").read_text() == report.markdown(results)
     for name in report.PLOTS.values():
         assert (RESULTS / name).is_file(), name
 
 
+def test_redrawing_the_committed_json_rewrites_tables_plots_and_the_docs_block(tmp_path, monkeypatch):
+    page = tmp_path / "benchmarks.md"
+    text = DOCS.read_text()
+    begin, end = text.index(report.DOCS_BEGIN), text.index(report.DOCS_END)
+    page.write_text(text[:begin] + f"{report.DOCS_BEGIN}\nstale\n" + text[end:])
+    monkeypatch.setattr(cli, "DOCS", page)  # a redraw of a full run rewrites the default page
+    out = tmp_path / "out"
+    tokenlean(["bench", "--from-json", str(RESULTS / "bench.json"), "--out", str(out)])
+    assert page.read_text() == text
+    assert (out / "bench.md").read_text() == (RESULTS / "bench.md").read_text()
+    assert not (out / "bench.json").exists()
+    for name in report.PLOTS.values():
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
 @pytest.mark.parametrize("bad", ["0,16", "a", ""])
 def test_bad_batch_sizes_are_refused_before_anything_runs(bad, capsys):
     with pytest.raises(SystemExit) as exited:
-        main(["bench", "--quick", "--batches", bad])
+        tokenlean(["bench", "--quick", "--batches", bad])
     assert exited.value.code == 2 and "positive integers" in capsys.readouterr().err
+
+
+def test_unknown_subjects_are_refused_with_the_list_before_anything_runs(capsys, monkeypatch):
+    monkeypatch.setattr("bench.run.run", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as exited:
+        tokenlean(["bench", "--quick", "--only", "vqa,vit-b17"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "unknown subject vit-b17" in err
+    assert all(name in err for name in SUBJECTS)
+
+
+def test_a_missing_docs_page_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("bench.run.run", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as exited:
+        tokenlean(["bench", "--only", "vqa", "--docs", str(tmp_path / "missing.md")])
+    assert exited.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_the_command_and_its_help_load_neither_torch_nor_transformers():
+    code = (
+        "import contextlib, io, sys; from bench.cli import register; import argparse\n"
+        "p = argparse.ArgumentParser(prog='tokenlean'); register(p.add_subparsers())\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()) as help:\n"
+        "    p.parse_args(['bench', '--help'])\n"
+        "assert '--from-json' in help.getvalue() and '--docs' in help.getvalue()\n"
+        "print(sorted({'torch', 'transformers', 'numpy'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_every_study_is_a_module_with_a_main(study, capsys):
+    module = importlib.import_module(f"bench.{study}")
+    with pytest.raises(SystemExit) as exited:
+        module.main(["--help"])
+    assert exited.value.code == 0
+    assert f"python -m bench.{study}" in capsys.readouterr().out
+
+
+def test_no_module_of_the_package_edits_sys_path():
+    for path in (ROOT / "bench").glob("*.py"):
+        assert "sys.path" not in path.read_text(), path
