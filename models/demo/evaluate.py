@@ -9,32 +9,45 @@ equal the query's counts as correct. Captions take only 24 distinct values, so e
 
 from __future__ import annotations
 
-import json
+from math import isqrt
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import NO_REDUCTION, named_plan
+from models.bundle import ModelBundle, load_bundle
 from models.demo import data
-from models.plan import LEVELS, ReductionPlan
-from models.tasks.pipelines import Pipeline, load_pipeline
+from models.families.base import ReducibleModel
+from models.levels import named_plan
+from models.plan import LEVELS, NO_REDUCTION, ReductionPlan
 
 POOL = 100
-TASK_OF_ARCHITECTURE = {
-    "ViltForQuestionAnswering": "vqa",
-    "ViltForImageAndTextRetrieval": "retrieval",
+# (takes text, head) -> the easy-VQA task such a model is evaluated on.
+TASK_OF_CAPABILITIES = {
+    (True, "classifier"): "vqa",
+    (True, "matching"): "retrieval",
+    (False, "classifier"): "classify",
 }
 
 
-def task_of(checkpoint: str | Path) -> str:
-    config = json.loads((Path(checkpoint) / "config.json").read_text())
-    return TASK_OF_ARCHITECTURE.get(config["architectures"][0], "classify")
+def task_of(model: ReducibleModel) -> str:
+    """The task of a model, from what it takes (text or not) and what its head gives."""
+    task = TASK_OF_CAPABILITIES.get((model.takes_text, model.head))
+    if task is None:
+        text = "image-text" if model.takes_text else "image-only"
+        raise ValueError(f"{model.kind}: no easy-VQA task for an {text} model with head {model.head!r}")
+    return task
 
 
-def plans(pipeline: Pipeline, methods: list[str] | None) -> list[ReductionPlan]:
-    rm = pipeline.model
+def grid_of(model: ReducibleModel, plan: ReductionPlan) -> int | None:
+    """The side of the compressed token grid `plan` runs at (LookupViT); None for a model without one."""
+    compressed = model.static_trace(plan, model.nominal_tokens()[0]).compressed_tokens
+    return isqrt(compressed[0]) if compressed else None
+
+
+def plans(bundle: ModelBundle, methods: list[str] | None) -> list[ReductionPlan]:
+    rm = bundle.model
     chosen = [NO_REDUCTION]
     for method in methods or rm.methods:
         chosen += [named_plan(rm, level, method) for level in LEVELS if level != "none"]
@@ -43,7 +56,7 @@ def plans(pipeline: Pipeline, methods: list[str] | None) -> list[ReductionPlan]:
 
 @torch.inference_mode()
 def vqa_accuracy(
-    p: Pipeline, split: data.Split, plan: ReductionPlan, limit: int | None, batch: int = 256
+    p: ModelBundle, split: data.Split, plan: ReductionPlan, limit: int | None, batch: int = 256
 ) -> dict:
     n = len(split.questions) if limit is None else min(limit, len(split.questions))
     labels = p.labels()
@@ -60,21 +73,21 @@ def vqa_accuracy(
 
 
 @torch.inference_mode()
-def classify_accuracy(p: Pipeline, split: data.Split, plan: ReductionPlan, limit: int | None) -> dict:
+def classify_accuracy(p: ModelBundle, split: data.Split, plan: ReductionPlan, limit: int | None) -> dict:
     ids = split.fact_ids()[:limit]
     labels = p.labels()
     correct = 0
     for start in range(0, len(ids), 256):
         chunk = ids[start : start + 256]
-        out = p.model(p.preprocess.from_uint8(split.images[chunk]).to(p.device), plan=plan)
+        out = p.forward(p.preprocess.from_uint8(split.images[chunk]), None, plan)
         predicted = out.logits.argmax(-1).tolist()
-        expected = [f"{split.facts[int(i)][1]} {split.facts[int(i)][0]}" for i in chunk]
+        expected = [data.class_label(*split.facts[int(i)]) for i in chunk]
         correct += sum(labels[a] == b for a, b in zip(predicted, expected, strict=True))
     return {"accuracy": correct / len(ids), "n": len(ids)}
 
 
 @torch.inference_mode()
-def caption_scores(p: Pipeline, split: data.Split, ids: np.ndarray, plan: ReductionPlan) -> np.ndarray:
+def caption_scores(p: ModelBundle, split: data.Split, ids: np.ndarray, plan: ReductionPlan) -> np.ndarray:
     """Matching logit of every (image, caption) pair: (len(ids), 24)."""
     facts = [(s, c) for s in data.SHAPES for c in data.COLORS]
     captions = [data.caption(*f) for f in facts]
@@ -93,7 +106,7 @@ def recall_at(ranked_correct: np.ndarray, k: int) -> float:
 
 
 def retrieval_recall(
-    p: Pipeline, split: data.Split, plan: ReductionPlan, limit: int | None, seed: int = 0
+    p: ModelBundle, split: data.Split, plan: ReductionPlan, limit: int | None, seed: int = 0
 ) -> dict:
     ids = split.fact_ids()[:limit]
     fact_list = [(s, c) for s in data.SHAPES for c in data.COLORS]
@@ -127,21 +140,23 @@ METRICS = {"vqa": vqa_accuracy, "classify": classify_accuracy, "retrieval": retr
 
 
 def evaluate(checkpoint: str | Path, methods: list[str] | None = None, limit: int | None = None) -> dict:
-    task = task_of(checkpoint)
-    pipeline = load_pipeline(task, checkpoint)
+    bundle = load_bundle(checkpoint)
+    rm = bundle.model
+    task = task_of(rm)
     split = data.load_split("test")
-    full = pipeline.model.flops(NO_REDUCTION)
+    full = rm.flops(NO_REDUCTION)
     rows = []
-    for plan in tqdm(plans(pipeline, methods), desc=f"eval {task}"):
-        result = METRICS[task](pipeline, split, plan, limit)
-        flops = pipeline.model.flops(plan)
+    for plan in tqdm(plans(bundle, methods), desc=f"eval {task}"):
+        result = METRICS[task](bundle, split, plan, limit)
+        flops = rm.flops(plan)
+        grid = grid_of(rm, plan)
         rows.append(
             {
                 "method": plan.method,
                 "level": plan.level,
                 "flops": flops,
                 "flops_saved": 1 - flops / full,
-                **({"grid": pipeline.model.grid(plan)} if pipeline.model.family == "lookupvit" else {}),
+                **({"grid": grid} if grid is not None else {}),
                 **result,
             }
         )

@@ -17,10 +17,11 @@ to g x g (M = g^2, chosen per call). Each block:
 Lookup tokens never attend to each other, so the cost is linear in N. Two classifiers, on the
 mean-pooled compressed and the mean-pooled lookup tokens; at inference their logits are averaged.
 
-Choices the paper leaves open (documented in README): pre-norm LayerNorms on every branch input
-and on both outputs; the resize is antialiased bilinear (a triangle filter over the whole source
-grid, what a downsampling `jax.image.resize` does), expressed as a fixed (M x N) matrix so an
-exported graph holds a constant matmul; A^T is used as is (its columns are not renormalised).
+Choices the paper leaves open (documented in docs/methods.md, LookupViT): pre-norm LayerNorms on
+every branch input and on both outputs; the resize is antialiased bilinear (a triangle filter over
+the whole source grid, what a downsampling `jax.image.resize` does), expressed as a fixed (M x N)
+matrix so an exported graph holds a constant matmul; A^T is used as is (its columns are not
+renormalised).
 
 The forward has no data-dependent control flow: the grid is a Python int, so tracing a fixed grid
 (torch.jit.trace, ONNX) gives a static graph.

@@ -1,4 +1,5 @@
-"""The LookupViT demo classifier (`tokenlean train-demo`, last phase; `--only lookupvit` alone).
+"""The LookupViT demo classifier (`tokenlean train-demo`, last phase; `--only lookupvit` alone,
+from the ViT demo classifier saved in out/classify).
 
 Same classes, labels, images, preprocessing and size as the ViT demo classifier (hidden 128,
 4 layers, 4 heads, MLP 512, 64 px images, 8 x 8 patches). Every step samples the compressed grid
@@ -21,25 +22,32 @@ from __future__ import annotations
 
 import os
 import random
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.demo import data
-from models.demo.train import ARCH, PATCH, Schedule, augment, batches, optimise, save, seed_everything
+from models.demo.paths import CLASSIFY, CLASSIFY_LOOKUPVIT
+from models.demo.training import (
+    ARCH,
+    PATCH,
+    Context,
+    Phase,
+    Schedule,
+    augment,
+    batches,
+    class_targets,
+    optimise,
+    save,
+)
 from models.lookupvit import LookupViTConfig, LookupViTForImageClassification
-from models.tasks.preprocess import ImagePreprocessor
+from models.preprocess import ImagePreprocessor
 
 GRIDS = (1, 2, 3, 4, 5, 6)
 SCHEDULE = Schedule(steps=1200, batch=64, lr=1e-3)
-WARM_START = True  # initialise from the ViT demo classifier (init_from_vit)
-DISTILL_WEIGHT = 0.0  # > 0: KL from the ViT demo classifier's logits to each head
 
 
-def lookupvit_config(grids: tuple[int, ...] = GRIDS) -> LookupViTConfig:
+def lookupvit_config() -> LookupViTConfig:
     labels = data.class_labels()
     return LookupViTConfig(
         hidden_size=ARCH["hidden_size"],
@@ -49,7 +57,7 @@ def lookupvit_config(grids: tuple[int, ...] = GRIDS) -> LookupViTConfig:
         lookup_intermediate_size=ARCH["hidden_size"] // 2,  # q = 2
         image_size=data.IMAGE_SIZE,
         patch_size=PATCH,
-        grid_sizes=list(grids),
+        grid_sizes=list(GRIDS),
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
@@ -98,110 +106,57 @@ def init_from_vit(model: LookupViTForImageClassification, vit: torch.nn.Module) 
             copy(head, vit.classifier)
 
 
-def class_targets(split: data.Split, ids: np.ndarray) -> torch.Tensor:
-    labels = data.class_labels()
-    return torch.tensor([labels.index(f"{split.facts[int(i)][1]} {split.facts[int(i)][0]}") for i in ids])
-
-
 def train_lookupvit(
-    train: data.Split,
-    schedule: Schedule,
-    seed: int,
-    ids: np.ndarray | None = None,
-    teacher: torch.nn.Module | None = None,
-    distill_weight: float = DISTILL_WEIGHT,
-    grids: tuple[int, ...] = GRIDS,
-    start: torch.nn.Module | None = None,
+    train: data.Split, schedule: Schedule, seed: int, start: torch.nn.Module
 ) -> LookupViTForImageClassification:
-    """Train on the images `ids` (default: every train image with known facts). `teacher`: a
-    classifier over the same labels whose logits each head is pulled towards (KL). `start`: a
-    same-size ViT classifier to initialise from (init_from_vit)."""
-    model = LookupViTForImageClassification(lookupvit_config(grids))
-    if start is not None:
-        init_from_vit(model, start)
-    ids = train.fact_ids() if ids is None else ids
+    """Initialised from `start`, a same-size ViT classifier (init_from_vit), then trained on every
+    train image with known facts at a grid drawn from GRIDS each step."""
+    model = LookupViTForImageClassification(lookupvit_config())
+    init_from_vit(model, start)
+    ids = train.fact_ids()
     y = class_targets(train, ids)
     preprocess = ImagePreprocessor(data.IMAGE_SIZE)
     rng, grid_rng = np.random.default_rng(seed), random.Random(seed)
     stream = batches(len(ids), schedule.batch, rng)
-    if teacher is not None:
-        teacher.eval()
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = next(stream)
         pixels = preprocess.from_uint8(augment(train.images[ids[idx]], rng))
-        out = model(pixels, grid=grid_rng.choice(grids), labels=y[idx])
-        loss = out.loss
-        if teacher is not None:
-            with torch.no_grad():
-                target = teacher(pixel_values=pixels).logits.log_softmax(-1)
-            kl = sum(
-                F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
-                for logits in (out.compressed_logits, out.lookup_logits)
-            )
-            loss = loss + distill_weight * kl / 2
-        return loss
+        return model(pixels, grid=grid_rng.choice(GRIDS), labels=y[idx]).loss
 
     optimise(model, schedule, loss_fn, "lookupvit")
     return model
 
 
-@torch.inference_mode()
-def grid_accuracy(
-    model, split: data.Split, ids: np.ndarray, grids: tuple[int, ...] = GRIDS
-) -> dict[int, float]:
-    """Accuracy of the averaged heads at each grid on the images `ids` of `split`."""
-    preprocess = ImagePreprocessor(data.IMAGE_SIZE)
-    y = class_targets(split, ids)
-    result = {}
-    for grid in grids:
-        correct = 0
-        for start in range(0, len(ids), 256):
-            pixels = preprocess.from_uint8(split.images[ids[start : start + 256]])
-            correct += int((model(pixels, grid=grid).logits.argmax(-1) == y[start : start + 256]).sum())
-        result[grid] = correct / len(ids)
-    return result
-
-
-def load_teacher(path: Path) -> torch.nn.Module:
-    from transformers import ViTForImageClassification
-
-    return ViTForImageClassification.from_pretrained(path, use_safetensors=True).eval()
-
-
-def train_demo_lookupvit(
-    out: Path, train: data.Split, seed: int, scale: float, report: dict, vit: torch.nn.Module | None = None
-) -> LookupViTForImageClassification:
-    """The train-demo phase: train, then save to out/classify-lookupvit with its timing. `vit`: the
-    ViT demo classifier (loaded from out/classify when not given and the recipe needs it)."""
-    schedule = Schedule(max(1, int(SCHEDULE.steps * scale)), SCHEDULE.batch, SCHEDULE.lr)
-    if vit is None and (WARM_START or DISTILL_WEIGHT > 0):
-        vit = load_teacher(out / "classify")
-    seed_everything(seed)
+def train_phase(ctx: Context) -> dict[str, torch.nn.Module]:
+    """Train, then save to out/classify-lookupvit with its timing and the machine's load."""
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # other processes share the CPU?
-    begin = time.perf_counter()
-    model = train_lookupvit(
-        train,
-        schedule,
-        seed,
-        teacher=vit if DISTILL_WEIGHT > 0 else None,
-        start=vit if WARM_START else None,
-    )
-    seconds = round(time.perf_counter() - begin, 1)
+    vit = ctx.models[CLASSIFY]
+    model = ctx.timed("lookupvit", lambda schedule: train_lookupvit(ctx.split, schedule, ctx.seed, vit))
+    schedule, seconds = ctx.schedules["lookupvit"], ctx.report["seconds"]["lookupvit"]
     meta = {
-        "seed": seed,
+        "seed": ctx.seed,
         "task": "classify",
-        "architecture": "LookupViTForImageClassification",
+        "architecture": type(model).__name__,
         "schedule": {k: v for k, v in vars(schedule).items() if k != "distill_from"},
         "grids": list(GRIDS),
-        "initialised_from": "ViT demo classifier" if WARM_START else "random",
-        "distill_weight": DISTILL_WEIGHT,
+        "initialised_from": "ViT demo classifier",
+        "distill_weight": 0.0,  # no distillation from the ViT's logits (see above)
         "seconds": {"lookupvit": seconds},
         "steps_per_second": round(schedule.steps / seconds, 2),
         "threads": torch.get_num_threads(),
         "loadavg_at_start": load_at_start,
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
-    report["seconds"]["lookupvit"] = seconds
-    save(model, out / "classify-lookupvit", meta=meta)
-    return model
+    save(model, ctx.out / CLASSIFY_LOOKUPVIT, meta=meta)
+    return {CLASSIFY_LOOKUPVIT: model}
+
+
+PHASES = (
+    Phase(
+        requires=(CLASSIFY,),
+        produces=(CLASSIFY_LOOKUPVIT,),
+        schedules={"lookupvit": SCHEDULE},
+        run=train_phase,
+    ),
+)

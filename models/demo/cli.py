@@ -1,0 +1,53 @@
+"""The demo models' sub-commands of `tokenlean`: `train-demo` and `eval`. Importing this module
+loads neither torch nor transformers; each handler imports what it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from models.demo.paths import CHECKPOINTS, DEMO_CHECKPOINTS
+
+
+def train_demo_command(args: argparse.Namespace) -> None:
+    """Train the three demo checkpoints from scratch on easy-VQA."""
+    from models.demo.train import train_demo
+
+    report = train_demo(Path(args.out), seed=args.seed, scale=args.scale, only=args.only)
+    print(json.dumps(report["seconds"], indent=2))
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    """Evaluate checkpoints on the easy-VQA test split at every level of every method."""
+    from models.demo.evaluate import evaluate, format_table
+
+    reports = []
+    for checkpoint in args.checkpoint:
+        report = evaluate(checkpoint, methods=args.method or None, limit=args.limit)
+        print(format_table(report) + "\n")
+        reports.append(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
+
+
+def register(subparsers) -> None:
+    """Add `train-demo` and `eval` to the `tokenlean` parser's sub-commands."""
+    train = subparsers.add_parser(
+        "train-demo", help="train the demo checkpoints on easy-VQA (about 40 min on 2 CPU cores)"
+    )
+    train.add_argument("--out", default=str(CHECKPOINTS))
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--scale", type=float, default=1.0, help="fraction of the training steps (smoke runs)")
+    train.add_argument(
+        "--only", choices=("lookupvit",), default=None, help="train only this checkpoint (needs out/classify)"
+    )
+    train.set_defaults(func=train_demo_command)
+
+    ev = subparsers.add_parser("eval", help="accuracy on the easy-VQA test split at every compression level")
+    ev.add_argument("checkpoint", nargs="*", default=[str(CHECKPOINTS / name) for name in DEMO_CHECKPOINTS])
+    ev.add_argument("--method", action="append", help="only these methods (default: all that apply)")
+    ev.add_argument("--limit", type=int, default=None, help="first N test items only")
+    ev.add_argument("--json", default=None, help="also write the results here")
+    ev.set_defaults(func=eval_command)

@@ -1,0 +1,138 @@
+"""The shipped demo checkpoints load through the service's loader (load_bundle) and still know
+easy-VQA."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import NO_REDUCTION, named_plan
+from models.bundle import load_bundle
+from models.demo import data
+from models.demo.evaluate import caption_scores, grid_of, task_of
+from models.demo.paths import CHECKPOINTS, DEMO_CHECKPOINTS
+from models.plan import LEVELS
+
+SLICE = slice(0, 400)
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return data.load_split("test")
+
+
+def test_checkpoints_are_small_safetensors_only():
+    files = [f for f in CHECKPOINTS.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 25 * 1024 * 1024
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    for name in DEMO_CHECKPOINTS:
+        assert (CHECKPOINTS / name / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [
+        ("vqa", "vqa"),
+        ("retrieval", "retrieval"),
+        ("classify", "classify"),
+        ("classify-lookupvit", "classify"),
+    ],
+)
+def test_task_of_follows_the_model_capabilities(name, task):
+    assert task_of(load_bundle(CHECKPOINTS / name).model) == task
+
+
+def test_tokenizer_knows_every_word_of_the_data_set(test_split):
+    bundle = load_bundle(CHECKPOINTS / "vqa")
+    words = {w for q in test_split.questions for w in q.replace("?", " ?").split()}
+    ids = bundle.tokenizer(sorted(words), add_special_tokens=False)["input_ids"]
+    assert bundle.tokenizer.unk_token_id not in {i for row in ids for i in row}
+
+
+@torch.inference_mode()
+def test_vqa_checkpoint_answers_a_fixed_slice(test_split):
+    bundle = load_bundle(CHECKPOINTS / "vqa")
+    questions = list(test_split.questions[SLICE])
+    pixels = bundle.preprocess.from_uint8(test_split.images[test_split.question_image[SLICE]])
+    for level, floor in (("none", 0.93), ("medium", 0.92)):
+        out = bundle.forward(pixels, questions, named_plan(bundle.model, level))
+        predicted = [bundle.labels()[i] for i in out.logits.argmax(-1).tolist()]
+        accuracy = np.mean([p == a for p, a in zip(predicted, test_split.answers[SLICE], strict=True)])
+        assert accuracy >= floor, (level, accuracy)
+
+
+@torch.inference_mode()
+def test_classify_checkpoint_labels_a_fixed_slice(test_split):
+    bundle = load_bundle(CHECKPOINTS / "classify")
+    ids = test_split.fact_ids()[:200]
+    out = bundle.forward(bundle.preprocess.from_uint8(test_split.images[ids]), None, NO_REDUCTION)
+    predicted = [bundle.labels()[i] for i in out.logits.argmax(-1).tolist()]
+    expected = [data.class_label(*test_split.facts[int(i)]) for i in ids]
+    assert np.mean([p == e for p, e in zip(predicted, expected, strict=True)]) >= 0.95
+    assert grid_of(bundle.model, NO_REDUCTION) is None  # no compressed grid
+
+
+@torch.inference_mode()
+def test_lookupvit_checkpoint_labels_a_fixed_slice_at_every_level(test_split):
+    bundle = load_bundle(CHECKPOINTS / "classify-lookupvit")
+    rm = bundle.model
+    ids = test_split.fact_ids()[:200]
+    pixels = bundle.preprocess.from_uint8(test_split.images[ids])
+    expected = [data.class_label(*test_split.facts[int(i)]) for i in ids]
+    grids = []
+    for level in LEVELS:
+        plan = named_plan(rm, level)
+        out = rm(pixels, plan=plan)
+        predicted = [bundle.labels()[i] for i in out.logits.argmax(-1).tolist()]
+        accuracy = np.mean([p == e for p, e in zip(predicted, expected, strict=True)])
+        assert accuracy >= 0.95, (level, accuracy)
+        assert grid_of(rm, plan) ** 2 == out.trace.compressed_tokens[0]
+        grids.append(out.trace.compressed_tokens[0])
+    assert grids == sorted(grids, reverse=True) and grids[-1] == 1  # high: one compressed token
+
+
+@torch.inference_mode()
+def test_retrieval_checkpoint_matches_captions(test_split):
+    bundle = load_bundle(CHECKPOINTS / "retrieval")
+    ids = test_split.fact_ids()[:40]
+    scores = caption_scores(bundle, test_split, ids, NO_REDUCTION)
+    facts = [(s, c) for s in data.SHAPES for c in data.COLORS]
+    best = [facts[i] for i in scores.argmax(1)]
+    assert np.mean([b == test_split.facts[int(i)] for b, i in zip(best, ids, strict=True)]) >= 0.9
+
+
+def test_recipes_train_every_checkpoint_after_what_it_starts_from(tmp_path):
+    from models.demo.train import phases
+
+    run, loaded = phases(tmp_path)
+    assert loaded == []
+    assert [name for p in run for name in p.schedules] == [
+        "classify",
+        "vqa",
+        "retrieval",
+        "classify_distill",
+        "lookupvit",
+    ]
+    produced = [name for p in run for name in p.produces]
+    assert set(DEMO_CHECKPOINTS) <= set(produced)
+    for i, phase in enumerate(run):
+        assert set(phase.requires) <= {name for p in run[:i] for name in p.produces}
+
+
+def test_lookupvit_alone_starts_from_the_saved_classifier(tmp_path):
+    from models.demo.train import phases
+
+    with pytest.raises(FileNotFoundError, match="classify"):
+        phases(tmp_path, only="lookupvit")
+    run, loaded = phases(CHECKPOINTS, only="lookupvit")
+    assert loaded == ["classify"] and [p.produces for p in run] == [("classify-lookupvit",)]
+
+
+def test_demo_cli_imports_no_torch():
+    code = "import sys, models.demo.cli; assert not {'torch', 'transformers', 'numpy'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
