@@ -1,6 +1,10 @@
 """Micro-batching per (task, plan): requests with the same plan share a model call, requests with
 different plans never do. One batch per task runs at a time, in a worker thread, so the event
-loop never blocks on inference; while it runs, the next batch fills up."""
+loop never blocks on inference; while it runs, the next batch fills up.
+
+Admission is bounded by time, not only by rows: a request is refused at once when the work
+admitted ahead of it (the process-wide Backlog, in predicted seconds) exceeds the maximum wait,
+and a request whose deadline passes before its batch starts is answered 504 instead of run."""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.errors import Overloaded, Unavailable
+from app.backlog import Backlog
+from app.errors import DeadlineExceeded, Overloaded, Unavailable
 
 
 @dataclass
@@ -20,6 +25,8 @@ class Pending:
     item: Any
     weight: int  # rows of the model batch this item needs (retrieval: one per candidate)
     future: asyncio.Future
+    cost: float = 0.0  # predicted seconds of model time, counted in the backlog
+    deadline: float = float("inf")  # perf_counter time after which it is not started
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -45,10 +52,20 @@ class MicroBatcher:
         max_queue: int,
         on_batch: Callable[[Hashable, BatchInfo, list[float]], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
+        backlog: Backlog | None = None,
+        cost: Callable[[int], float] = lambda rows: 0.0,
+        max_queue_wait_s: float = float("inf"),
+        deadline_s: float = float("inf"),
     ):
+        """cost(rows): predicted seconds of model time a request of that many rows adds to a busy
+        queue; max_queue_wait_s: the most predicted backlog a request is admitted behind;
+        deadline_s: the default time from arrival after which a request is not started."""
         self._run, self._executor = run, executor
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self._on_batch, self._on_depth = on_batch, on_depth
+        self.backlog = backlog or Backlog()
+        self._cost, self.max_queue_wait_s, self.deadline_s = cost, max_queue_wait_s, deadline_s
+        self._batches = 0
         self._queues: OrderedDict[Hashable, deque[Pending]] = OrderedDict()
         self._depth = 0
         self._wakeup = asyncio.Event()
@@ -63,12 +80,28 @@ class MicroBatcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def submit(self, key: Hashable, item: Any, weight: int = 1) -> tuple[Any, BatchInfo]:
+    async def submit(
+        self, key: Hashable, item: Any, weight: int = 1, deadline_s: float | None = None
+    ) -> tuple[Any, BatchInfo]:
+        """Queue `item` under `key`; its result once its batch ran. Refused at once (Overloaded)
+        when the queue is full or the predicted wait ahead of it is too long; answered
+        DeadlineExceeded when not started within deadline_s (default: the batcher's)."""
         if self._closing:
             raise Unavailable("the server is shutting down")
         if self._depth + weight > self.max_queue and self._depth > 0:
-            raise Overloaded("the request queue is full; retry later")
-        pending = Pending(item, weight, asyncio.get_running_loop().create_future())
+            raise Overloaded("the request queue is full; retry later", self.backlog.retry_after(0.0))
+        ahead = self.backlog.seconds()
+        if ahead > self.max_queue_wait_s:
+            raise Overloaded(
+                f"the server is busy: {ahead:.1f} s of work is queued ahead (at most "
+                f"{self.max_queue_wait_s:g} s); retry later",
+                self.backlog.retry_after(self.max_queue_wait_s),
+            )
+        now = time.perf_counter()
+        deadline = now + min(deadline_s or self.deadline_s, self.deadline_s)
+        cost = self._cost(weight)
+        pending = Pending(item, weight, asyncio.get_running_loop().create_future(), cost, deadline, now)
+        self.backlog.admit(cost)
         self._queues.setdefault(key, deque()).append(pending)
         self._set_depth(self._depth + weight)
         self._wakeup.set()
@@ -88,6 +121,7 @@ class MicroBatcher:
         else:
             del self._queues[key]
         self._set_depth(self._depth - pending.weight)
+        self.backlog.withdraw(pending.cost)
 
     async def close(self, timeout_s: float) -> None:
         """Finish what is queued (up to timeout_s), then stop."""
@@ -101,6 +135,9 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for queue in self._queues.values():
+            for pending in queue:
+                self.backlog.withdraw(pending.cost)
         for pending in [*self._inflight, *(p for q in self._queues.values() for p in q)]:
             if not pending.future.done():
                 pending.future.set_exception(Unavailable("the server is shutting down"))
@@ -116,10 +153,17 @@ class MicroBatcher:
 
     def _take(self, key: Hashable) -> list[Pending]:
         queue, taken, rows = self._queues[key], [], 0
+        now = time.perf_counter()
         while queue and (not taken or rows + queue[0].weight <= self.max_batch):
             pending = queue.popleft()
-            if pending.future.cancelled():  # the client went away
+            if pending.future.cancelled() or now > pending.deadline:
                 self._set_depth(self._depth - pending.weight)
+                self.backlog.withdraw(pending.cost)
+                if not pending.future.done():  # not the client that went away: its deadline passed
+                    waited = now - pending.enqueued
+                    pending.future.set_exception(
+                        DeadlineExceeded(f"not started within its deadline ({waited:.1f} s in the queue)")
+                    )
                 continue
             taken.append(pending)
             rows += pending.weight
@@ -127,6 +171,16 @@ class MicroBatcher:
             del self._queues[key]
         self._set_depth(self._depth - rows)
         return taken
+
+    def _run_counted(self, number: int, key: Hashable, batch: list[Pending]) -> list[Any]:
+        """On the model thread: the batch's predicted cost counts as running from here, not while
+        it waits behind another task's batch for the thread."""
+        batch_id = (id(self), number)
+        self.backlog.start(batch_id, sum(p.cost for p in batch))
+        try:
+            return self._run(key, [p.item for p in batch])
+        finally:
+            self.backlog.finish(batch_id)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -151,8 +205,11 @@ class MicroBatcher:
                 continue
             started = time.perf_counter()
             self._inflight = batch
+            self._batches += 1
             try:
-                results = await loop.run_in_executor(self._executor, self._run, key, [p.item for p in batch])
+                results = await loop.run_in_executor(
+                    self._executor, self._run_counted, self._batches, key, batch
+                )
             except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the loop
                 for p in batch:
                     if not p.future.done():

@@ -46,6 +46,10 @@ class Overloaded(ServiceError):
     retry_after_s = 1
 
 
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before its model call could start."""
+
+
 class Unavailable(ServiceError):
     """Not ready, failed to load, or shutting down."""
 

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import (
     BadInput,
+    DeadlineExceeded,
     InvalidInput,
     NotServed,
     Overloaded,
@@ -34,6 +35,7 @@ STATUS: dict[type[ServiceError], tuple[int, str]] = {
     InvalidInput: (422, "invalid_request"),
     Overloaded: (503, "overloaded"),
     Unavailable: (503, "unavailable"),
+    DeadlineExceeded: (504, "deadline_exceeded"),
 }
 
 

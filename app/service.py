@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 
+from app.backlog import Backlog, BatchCost
 from app.batching import BatchInfo, MicroBatcher
 from app.errors import InvalidInput
 from app.metrics import Metrics
@@ -31,6 +32,12 @@ def inference_thread() -> ThreadPoolExecutor:
     On a CPU host, torch's OpenMP pool is per calling thread: several threads calling torch keep
     several pools spinning on the same cores, which doubled the forward time in the server."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+
+
+@lru_cache(maxsize=1)
+def shared_backlog() -> Backlog:
+    """The predicted work queued for the inference thread, every task's: what admission reads."""
+    return Backlog()
 
 
 def metric_level(plan: ReductionPlan, saved: float) -> str:
@@ -55,6 +62,7 @@ class TaskService:
             self.method = fixed
         self.plan_for(cfg.default_compression, None)  # a bad default fails at start-up, not per request
         b = settings.batching
+        self.batch_cost = BatchCost()  # seconds per batch, learnt from every batch this task runs
         self.batcher = MicroBatcher(
             self._run_batch,
             inference_thread(),
@@ -63,6 +71,10 @@ class TaskService:
             b.max_queue,
             on_batch=self._observe_batch,
             on_depth=lambda d: metrics.queue_depth.labels(task.name).set(d),
+            backlog=shared_backlog(),
+            cost=lambda rows: self.batch_cost.amortised(rows, b.max_batch_size),
+            max_queue_wait_s=b.max_queue_wait_ms / 1000,
+            deadline_s=b.deadline_ms / 1000,
         )
         self.load_seconds = time.perf_counter() - started
 
@@ -113,7 +125,9 @@ class TaskService:
     def _run_batch(self, key: tuple[ReductionPlan, Any], items: list[Any]) -> list[tuple[Any, Trace]]:
         plan = key[0]
         outputs: list = []
+        started = time.perf_counter()
         results = self.task.run(self._batch_model(plan, outputs), items)
+        self.batch_cost.observe(sum(self.task.weight(i) for i in items), time.perf_counter() - started)
         out = outputs[-1]
         if out.peak_memory_bytes is not None:
             self.metrics.gpu_peak.labels(self.task.name, self.level_label(plan)).set(out.peak_memory_bytes)
@@ -126,21 +140,27 @@ class TaskService:
         for w in waits:
             m.queue_wait.labels(name).observe(w)
 
-    async def submit(self, plan: ReductionPlan, item: Any) -> tuple[Any, Trace, BatchInfo]:
+    async def submit(
+        self, plan: ReductionPlan, item: Any, deadline_s: float | None = None
+    ) -> tuple[Any, Trace, BatchInfo]:
         """Requests share a batch only with the same plan and the same task key (the padded text
         length), so a result never depends on which other requests were batched with it."""
         key = (plan, self.task.batch_key(item))
-        (result, trace), info = await self.batcher.submit(key, item, self.task.weight(item))
+        (result, trace), info = await self.batcher.submit(key, item, self.task.weight(item), deadline_s)
         return result, trace, info
 
     # ------------------------------------------------------------------ lifecycle
 
     def warm_up(self) -> None:
-        """One call per named level, so the first real request does not pay for lazy init."""
+        """One call per named level, so the first real request does not pay for lazy init; then
+        a full batch at the default level, so admission control starts from a measured cost."""
         items = self.task.warmup_items(self.decode_context(None))
+        key = self.task.batch_key(items[0])
         for level in self.backend.levels():
-            plan = self.plan_for(level, None)
-            self._run_batch((plan, self.task.batch_key(items[0])), items)
+            self._run_batch((self.plan_for(level, None), key), items)
+        rows = sum(self.task.weight(i) for i in items)
+        full = items * max(1, self.settings.batching.max_batch_size // rows)
+        self._run_batch((self.plan_for(None, None), key), full)
 
     def describe(self) -> dict:
         full = self.model.flops(NO_REDUCTION)

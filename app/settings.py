@@ -35,7 +35,17 @@ class BatchingSettings(BaseModel):
     # 0: an idle model starts at once; batches still form from requests that arrive while a
     # batch runs. Raise it to trade latency for fuller batches under light load.
     max_wait_ms: float = Field(default=0.0, ge=0, description="how long a batch waits to fill")
-    max_queue: int = Field(default=256, ge=1, description="waiting items per task before 503")
+    max_queue: int = Field(default=256, ge=1, description="waiting rows per task before 503")
+    # Admission: a request is refused at once (503 + Retry-After) when the work already admitted
+    # ahead of it, in predicted seconds of model time (every task: they share one model thread),
+    # exceeds this. Raise it for models whose single batch takes longer.
+    max_queue_wait_ms: float = Field(
+        default=2000.0, gt=0, description="most predicted queueing before a request is refused"
+    )
+    # A request not started this long after it arrived is answered 504 instead of run.
+    deadline_ms: float = Field(
+        default=10_000.0, gt=0, description="default server-side deadline; a request may set a shorter one"
+    )
 
 
 class LimitSettings(BaseModel):

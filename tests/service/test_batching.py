@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from app.backlog import Backlog, BatchCost
 from app.batching import MicroBatcher
-from app.errors import Overloaded, Unavailable
+from app.errors import DeadlineExceeded, Overloaded, Unavailable
 from app.http_errors import headers_of, status_of
 
 
@@ -170,3 +171,133 @@ def test_a_cancelled_request_leaves_the_queue_at_once():
     assert depth_after_cancel == 0 and depths[-1] == 0
     assert results == ["p:0", "p:2"]
     assert [items for _, items in recorder.calls] == [[0], [2]]
+
+
+# ------------------------------------------------------------------ admission by predicted time
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_batch_cost_fits_overhead_and_per_row_and_resists_outliers():
+    cost = BatchCost()
+    for rows in (1, 4, 8, 16) * 5:
+        cost.observe(rows, 0.010 + 0.002 * rows)
+    assert cost.overhead == pytest.approx(0.010, rel=1e-6) and cost.per_row == pytest.approx(0.002, rel=1e-6)
+    assert cost.amortised(4, 16) == pytest.approx(4 * (0.010 / 16 + 0.002))
+    cost.observe(16, 100.0)  # one stall: clipped to 3x the prediction before it counts
+    assert cost.seconds(16) < 0.2
+    for _ in range(200):  # a slower machine: the fit follows (older batches decay)
+        for rows in (1, 16):
+            cost.observe(rows, 2 * (0.010 + 0.002 * rows))
+    assert cost.per_row == pytest.approx(0.004, rel=0.05)
+
+
+def test_backlog_counts_queued_work_and_running_work_down():
+    clock = FakeClock()
+    backlog = Backlog(clock)
+    backlog.admit(1.0)
+    backlog.admit(0.5)
+    assert backlog.seconds() == pytest.approx(1.5)
+    backlog.start("a", 1.0)  # 1 s of it starts running
+    clock.now = 0.25
+    assert backlog.seconds() == pytest.approx(1.25)
+    clock.now = 5.0  # overran its prediction: counts as nothing left, not negative
+    assert backlog.seconds() == pytest.approx(0.5)
+    backlog.finish("a")
+    backlog.withdraw(0.5)
+    assert backlog.seconds() == 0
+    backlog.admit(3.7)
+    assert backlog.retry_after(2.0) == 2 and backlog.retry_after(10.0) == 1
+
+
+def test_admission_refuses_at_once_when_the_predicted_wait_is_too_long_whatever_the_size():
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+
+    async def scenario():
+        backlog = Backlog()
+        b = MicroBatcher(
+            recorder,
+            ThreadPoolExecutor(1),
+            max_batch=4,
+            max_wait_s=0.0,
+            max_queue=1000,
+            backlog=backlog,
+            cost=lambda rows: 0.5 * rows,  # half a second of model time per row
+            max_queue_wait_s=2.0,
+        )
+        b.start()
+        first = asyncio.ensure_future(b.submit("p", "big", weight=4))  # admitted: nothing ahead
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(b.submit("p", "small"))  # 2 s ahead: still within the limit
+        await asyncio.sleep(0.01)
+        refused = []
+        for weight in (1, 8):  # 2.5 s ahead now: refused, one row or eight alike
+            with pytest.raises(Overloaded) as err:
+                await b.submit("p", f"w{weight}", weight=weight)
+            refused.append(err.value)
+        gate.set()
+        await asyncio.gather(first, second)
+        await b.close(1)
+        return refused, backlog.seconds()
+
+    refused, left = run(scenario())
+    assert all(status_of(e)[0] == 503 and int(headers_of(e)["Retry-After"]) >= 1 for e in refused)
+    assert "queued ahead" in refused[0].message
+    assert [items for _, items in recorder.calls] == [["big"], ["small"]]  # the refused never ran
+    assert left == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_request_not_started_by_its_deadline_is_answered_504_and_not_run():
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+
+    async def scenario():
+        b = MicroBatcher(recorder, ThreadPoolExecutor(1), max_batch=1, max_wait_s=0.0, max_queue=10)
+        b.start()
+        first = asyncio.ensure_future(b.submit("p", 0))
+        await asyncio.sleep(0.05)  # running, held by the gate
+        late = asyncio.ensure_future(b.submit("p", 1, deadline_s=0.01))
+        patient = asyncio.ensure_future(b.submit("p", 2))
+        await asyncio.sleep(0.1)  # the short deadline passes while the first batch holds the thread
+        gate.set()
+        await first
+        with pytest.raises(DeadlineExceeded) as err:
+            await late
+        result = await patient
+        await b.close(1)
+        return err.value, result[0], b.backlog.seconds()
+
+    error, patient, left = run(scenario())
+    assert status_of(error) == (504, "deadline_exceeded")
+    assert patient == "p:2" and [items for _, items in recorder.calls] == [[0], [2]]
+    assert left == 0
+
+
+def test_tasks_sharing_the_model_thread_share_one_backlog():
+    gate = threading.Event()
+    executor = ThreadPoolExecutor(1)  # one model thread, as in the service
+
+    async def scenario():
+        backlog = Backlog()
+        common = dict(max_batch=4, max_wait_s=0.0, max_queue=100, backlog=backlog, max_queue_wait_s=1.0)
+        busy = MicroBatcher(Recorder(gate=gate), executor, cost=lambda rows: 1.0, **common)
+        other = MicroBatcher(Recorder(), executor, cost=lambda rows: 0.01, **common)
+        busy.start(), other.start()
+        jobs = [asyncio.ensure_future(busy.submit("p", i)) for i in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded):  # the other task's 2 s of work is ahead on the same thread
+            await other.submit("p", "x")
+        gate.set()
+        await asyncio.gather(*jobs)
+        ok = await other.submit("p", "y")
+        await busy.close(1), await other.close(1)
+        return ok[0]
+
+    assert run(scenario()) == "p:y"
