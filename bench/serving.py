@@ -15,9 +15,6 @@ import json
 import os
 import platform
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,31 +25,11 @@ import torch
 from PIL import Image
 
 from bench.measure import module_command
+from bench.server import free_port, start_server
 from models.bundle import ModelBundle, load_bundle
 from models.demo import data
 from models.demo.paths import CHECKPOINTS, VQA
 from models.levels import resolve
-
-
-def start_server(port: int) -> subprocess.Popen:
-    exe = Path(sys.executable).with_name("tokenlean")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app.cli"]
-    env = {**os.environ, "TOKENLEAN_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([*cmd, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def requests_from_test_split(n: int) -> list[tuple[bytes, str]]:
