@@ -90,13 +90,7 @@ class MicroBatcher:
             raise Unavailable("the server is shutting down")
         if self._depth + weight > self.max_queue and self._depth > 0:
             raise Overloaded("the request queue is full; retry later", self.backlog.retry_after(0.0))
-        ahead = self.backlog.seconds()
-        if ahead > self.max_queue_wait_s:
-            raise Overloaded(
-                f"the server is busy: {ahead:.1f} s of work is queued ahead (at most "
-                f"{self.max_queue_wait_s:g} s); retry later",
-                self.backlog.retry_after(self.max_queue_wait_s),
-            )
+        self.check_admission()
         now = time.perf_counter()
         deadline = now + min(deadline_s or self.deadline_s, self.deadline_s)
         cost = self._cost(weight)
@@ -110,6 +104,19 @@ class MicroBatcher:
         except asyncio.CancelledError:  # the client went away: free its place in the queue now
             self._withdraw(key, pending)
             raise
+
+    def check_admission(self) -> None:
+        """Overloaded when more predicted work is queued ahead than a request may wait behind.
+        Cheap: the HTTP layer calls it before reading a body, so refusals cost milliseconds."""
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        ahead = self.backlog.seconds()
+        if ahead > self.max_queue_wait_s:
+            raise Overloaded(
+                f"the server is busy: {ahead:.1f} s of work is queued ahead (at most "
+                f"{self.max_queue_wait_s:g} s); retry later",
+                self.backlog.retry_after(self.max_queue_wait_s),
+            )
 
     def _withdraw(self, key: Hashable, pending: Pending) -> None:
         queue = self._queues.get(key)

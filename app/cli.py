@@ -107,26 +107,22 @@ def fold_model_flags(argv: list[str]) -> list[str]:
 
 def serve(argv: list[str]) -> None:
     """Start the HTTP service; settings from TOKENLEAN_* environment variables and these flags."""
-    import uvicorn
+    from pydantic import ValidationError
 
     from app.logs import configure
     from app.settings import Settings
 
-    settings = Settings(
-        _cli_parse_args=fold_model_flags(argv)
-    )  # `--help` answers here, before any model library loads
+    try:  # `--help` answers here, before any model library loads
+        settings = Settings(_cli_parse_args=fold_model_flags(argv))
+    except ValidationError as exc:
+        sys.exit(f"tokenlean serve: invalid settings\n{exc}")
     from app.main import create_app
+    from app.server import run
 
     log_config = configure(settings.log_format, settings.log_level)
     # One worker per process: every worker would hold its own copy of the models, and the
     # micro-batcher only batches requests that reach the same process. Scale with replicas.
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=log_config,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-    )
+    run(create_app(settings), settings, log_config)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.cli import register as register_bench
     from exporters.formats import DEFAULT_OPSET, FORMATS
     from models.demo.cli import register as register_demo
+    from models.demo.data_cli import register as register_data
 
     parser = argparse.ArgumentParser(prog="tokenlean", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     plans.set_defaults(func=plans_command)
 
     register_demo(sub)
+    register_data(sub)
 
     ex = sub.add_parser("export", help="export ONNX or TorchScript graphs, one per compression level")
     ex.add_argument("--task", required=True, choices=list(tasks()))

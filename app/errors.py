@@ -32,6 +32,14 @@ class UnsupportedMedia(ServiceError):
     """Not an image we decode, or a content type we do not take."""
 
 
+class ClientClosed(ServiceError):
+    """The client went away before its request was read or answered (an aborted upload)."""
+
+
+class SlowBody(ServiceError):
+    """The request body did not arrive within the read deadline."""
+
+
 class Unauthorized(ServiceError):
     """Missing or wrong credentials."""
 

@@ -9,15 +9,18 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import (
     BadInput,
+    ClientClosed,
     DeadlineExceeded,
     InvalidInput,
     NotServed,
     Overloaded,
     ServiceError,
+    SlowBody,
     TooLarge,
     Unauthorized,
     Unavailable,
@@ -30,13 +33,54 @@ STATUS: dict[type[ServiceError], tuple[int, str]] = {
     BadInput: (400, "bad_request"),
     Unauthorized: (401, "unauthorized"),
     NotServed: (404, "not_found"),
+    SlowBody: (408, "request_timeout"),
     TooLarge: (413, "payload_too_large"),
     UnsupportedMedia: (415, "unsupported_media_type"),
     InvalidInput: (422, "invalid_request"),
+    # nginx's code for a client that closed the connection; nobody reads the answer, but the
+    # metrics and the log tell it apart from server errors
+    ClientClosed: (499, "client_closed_request"),
     Overloaded: (503, "overloaded"),
     Unavailable: (503, "unavailable"),
     DeadlineExceeded: (504, "deadline_exceeded"),
 }
+
+
+WHEN = {
+    400: "unreadable input: bad JSON, base64 or image data",
+    401: "missing or wrong bearer token (when the server sets TOKENLEAN_API_KEY)",
+    404: "no model serves this task on this server",
+    408: "the request body did not arrive within the read deadline",
+    413: "the body, an image, or the pixels of an image or of the request over their limit",
+    415: "not an image in an accepted format, or a content type other than JSON and multipart",
+    422: "invalid fields, compression or method (the message says what is allowed), or over a limit",
+    500: "a server bug; client input never causes one",
+    503: "the queue is full, the models are still loading, or the server is shutting down",
+    504: "the request's deadline passed before its model call started",
+}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """OpenAPI `responses` for these statuses: the error body, when each happens, and its codes."""
+    out = {}
+    for status in statuses:
+        codes = sorted({c for s, c in STATUS.values() if s == status}) or ["internal_error"]
+        description = f"{WHEN[status]}. `error.code`: {', '.join(f'`{c}`' for c in codes)}"
+        if status == 503:
+            description += "; with `Retry-After`"
+        out[status] = {"model": ErrorBody, "description": description}
+    return out
 
 
 def status_of(exc: ServiceError) -> tuple[int, str]:
@@ -52,10 +96,14 @@ def headers_of(exc: ServiceError) -> dict[str, str] | None:
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, SlowBody):  # the rest of the body may still come: drop the connection
+        headers["Connection"] = "close"
     return headers or None
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    # A message may quote client input; a lone surrogate in it could not be encoded as UTF-8.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 

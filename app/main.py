@@ -1,5 +1,6 @@
 """The FastAPI application: models load in the background at start-up (/healthz answers at once,
-/readyz once every model is loaded and warmed up); shutdown finishes queued requests."""
+/readyz once every model is loaded and warmed up); shutdown finishes the requests in flight
+within the shutdown timeout and answers the rest 503."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__, http_errors
+from app.images import PixelBudget
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics
 from app.routes import ops, v1_router
 from app.service import TaskService, inference_thread
 from app.settings import Settings
+from app.shutdown import Drain, ShutdownGuard
 from app.tasks.base import tasks
 from models.reduction.registry import method_names
 
@@ -54,16 +57,16 @@ def create_app(settings: Settings | None = None, factory: ServiceFactory = defau
                 log.exception("loading models failed")
                 app.state.load_failed = True
                 return
+            if app.state.drain.started:  # stopped while loading
+                return
             for svc in app.state.services.values():
                 svc.batcher.start()
             app.state.ready = True
 
         loader = loop.create_task(start())
         yield
-        app.state.ready = False
         loader.cancel()
-        services = list(app.state.services.values())
-        await asyncio.gather(*(svc.batcher.close(settings.shutdown_timeout_s) for svc in services))
+        await app.state.drain.run()  # already under way when `tokenlean serve` got a signal
 
     app = FastAPI(
         title="tokenlean",
@@ -77,25 +80,46 @@ def create_app(settings: Settings | None = None, factory: ServiceFactory = defau
     app.state.services = {}
     app.state.ready = False
     app.state.load_failed = False
+    app.state.decode_budget = PixelBudget(settings.limits.decode_budget_pixels)
+    app.state.drain = Drain(app, settings.shutdown_timeout_s)
     http_errors.install(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_request_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.limits.max_request_bytes,
+        timeout_s=settings.limits.body_timeout_s,
+    )
+    app.add_middleware(ShutdownGuard, drain=app.state.drain)  # the outermost: added last
     app.include_router(ops)
-    app.include_router(v1_router())
+    app.include_router(v1_router(settings.limits))
     app.openapi = lambda: openapi(app)
     return app
 
 
+BEARER = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "`Authorization: Bearer <token>`, required on /v1 routes when the server sets "
+    "TOKENLEAN_API_KEY (and on /metrics with TOKENLEAN_PROTECT_METRICS)",
+}
+
+
 def openapi(app: FastAPI) -> dict:
-    """FastAPI's document, with the reduction methods registered now listed on every request."""
+    """FastAPI's document, with the reduction methods registered now listed on every request, and
+    the bearer scheme on the routes that need it."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
         schema = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
+        schema.setdefault("components", {})["securitySchemes"] = {"bearer": BEARER}
+        settings = app.state.settings
         methods = list(method_names())
-        for path in schema["paths"].values():
+        for name, path in schema["paths"].items():
             for operation in path.values():
+                protected = name.startswith("/v1/") or (name == "/metrics" and settings.protect_metrics)
+                if protected and settings.api_key is not None:
+                    operation["security"] = [{"bearer": []}]
                 for content in operation.get("requestBody", {}).get("content", {}).values():
                     props = content.get("schema", {}).get("properties", {})
                     if "method" in props:

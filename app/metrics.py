@@ -1,5 +1,7 @@
 """Prometheus metrics, all in one registry. Labels are bounded: task, level (a named level or the
-FLOPs bucket a numeric request resolved to), status class, backend, device."""
+FLOPs bucket a numeric request resolved to), method (a reduction method, `none`, or `invalid`
+before a plan), status (the HTTP status code: the few app/http_errors.py knows, 200, 499 for a
+client that went away), backend, device."""
 
 from __future__ import annotations
 
@@ -21,18 +23,19 @@ from prometheus_client.registry import Collector
 from app import __version__
 
 
-def geometric(start: float, stop: float, factor: float) -> list[float]:
-    buckets, value = [], start
-    while value <= stop * 1.0001:
+def geometric(top: float, bottom: float, factor: float) -> list[float]:
+    """Buckets from `top` (the last finite one) down by `factor` while above `bottom`, ascending."""
+    buckets, value = [], top
+    while value >= bottom:
         buckets.append(round(value, 6))
-        value *= factor
-    return buckets
+        value /= factor
+    return buckets[::-1]
 
 
 # *_created samples double the exposition for no use here.
 disable_created_metrics()
 
-LATENCY_BUCKETS = geometric(0.0005, 30.0, 2**0.5)  # 0.5 ms .. ~30 s
+LATENCY_BUCKETS = geometric(30.0, 0.0004, 2**0.5)  # 0.46 ms .. 30 s
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
 RATIO_BUCKETS = [i / 20 for i in range(1, 21)]
 
@@ -102,21 +105,21 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "tokenlean_requests",
-            "requests by task, level and status class",
-            ["task", "level", "status"],
+            "requests by task, level, method and status code",
+            ["task", "level", "method", "status"],
             registry=r,
         )
         self.request_duration = Histogram(
             "tokenlean_request_duration_seconds",
             "request latency, receipt to response",
-            ["task", "level"],
+            ["task", "level", "method"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.inference_duration = Histogram(
             "tokenlean_inference_duration_seconds",
             "one batched model call",
-            ["task", "level", "backend"],
+            ["task", "level", "method", "backend"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -134,7 +137,7 @@ class Metrics:
         self.tokens_kept = Histogram(
             "tokenlean_tokens_kept_ratio",
             "tokens after the last layer / tokens in",
-            ["task", "level"],
+            ["task", "level", "method"],
             buckets=RATIO_BUCKETS,
             registry=r,
         )

@@ -5,7 +5,9 @@ never sees a tensor."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -17,10 +19,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app import schemas
 from app.errors import (
     BadInput,
+    ClientClosed,
     InvalidInput,
     NotServed,
     Overloaded,
@@ -29,16 +33,20 @@ from app.errors import (
     Unavailable,
     UnsupportedMedia,
 )
-from app.http_errors import status_of
+from app.http_errors import error_responses, status_of
 from app.images import decode_base64, decode_images
+from app.settings import LimitSettings
 from app.tasks.base import Task, tasks
 
 if TYPE_CHECKING:
     from app.service import TaskService
 
+log = logging.getLogger("tokenlean")
+
 _COMPRESSION_FIELDS = {
     "compression": {"type": "string", "description": schemas.COMPRESSION_DOC},
     "method": {"type": "string"},
+    "deadline_ms": {"type": "integer", "description": schemas.DEADLINE_DOC},
 }
 _FILE = {"type": "string", "format": "binary"}
 
@@ -58,12 +66,22 @@ def require_api_key(request: Request) -> None:
 async def parse(request: Request, task: Task) -> tuple[BaseModel, dict[str, list[bytes]]]:
     """Validate a JSON or multipart body against the task's request model; returns it and the raw
     image bytes of each image field."""
+    try:
+        return await _parse(request, task)
+    except ClientDisconnect as exc:
+        raise ClientClosed("the client closed the connection before the request body was read") from exc
+
+
+async def _parse(request: Request, task: Task) -> tuple[BaseModel, dict[str, list[bytes]]]:
     limits = request.app.state.settings.limits
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     images: dict[str, Any] = {}
     if content_type == "application/json":
+        body = await request.body()
         try:
-            payload = json.loads(await request.body())
+            # strict=False: line breaks inside strings, as `"$(base64 image.png)"` in a shell puts
+            # them into base64 images (the decoder ignores whitespace)
+            payload = json.loads(body, strict=False)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints, deep nesting
             raise BadInput(f"body is not valid JSON: {str(exc)[:200]}") from exc
         if not isinstance(payload, dict):
@@ -143,25 +161,31 @@ def report(svc: TaskService, body, plan, trace, info, started: float) -> dict:
 
 @asynccontextmanager
 async def observed(request: Request, task: str):
-    """Counts the request and its latency under the level it ran at ('invalid' before a plan)."""
+    """Counts the request, by status code, and its latency under the level and method it ran at
+    ('invalid' for both before a plan)."""
     started = time.perf_counter()
-    state = {"level": "invalid", "started": started}
-    status = "5xx"
+    state = {"level": "invalid", "method": "invalid", "started": started}
+    status = 500
     try:
         yield state
-        status = "2xx"
+        status = 200
     except ServiceError as exc:
-        status = f"{status_of(exc)[0] // 100}xx"
+        status = status_of(exc)[0]
         if isinstance(exc, Overloaded):
             request.app.state.metrics.rejected.labels(task).inc()
+        if isinstance(exc, ClientClosed):  # not a server error: one line, no traceback
+            log.info("%s %s: %s", request.method, request.url.path, exc.message)
         raise
     except StarletteHTTPException as exc:  # e.g. multipart parsing limits
-        status = f"{exc.status_code // 100}xx"
+        status = exc.status_code
+        raise
+    except asyncio.CancelledError:  # only shutdown cancels a request; app/shutdown.py answers 503
+        status = 503
         raise
     finally:
-        m = request.app.state.metrics
-        m.requests.labels(task, state["level"], status).inc()
-        m.request_duration.labels(task, state["level"]).observe(time.perf_counter() - started)
+        m, labels = request.app.state.metrics, (task, state["level"], state["method"])
+        m.requests.labels(*labels, str(status)).inc()
+        m.request_duration.labels(*labels).observe(time.perf_counter() - started)
 
 
 # ------------------------------------------------------------------ v1 endpoints
@@ -171,17 +195,20 @@ def task_endpoint(task: Task):
     async def endpoint(request: Request):
         async with observed(request, task.name) as state:
             svc = service(request, task.name)
+            svc.batcher.check_admission()  # refuse before reading the body when the server is full
             body, raw = await parse(request, task)
-            limits = request.app.state.settings.limits
+            limits, budget = request.app.state.settings.limits, request.app.state.decode_budget
 
             async def pixels(data: list[bytes]):
-                return await decode_images(data, limits, svc.bundle.preprocess)
+                return await decode_images(data, limits, svc.bundle.preprocess, budget)
 
+            plan = svc.plan_for(body.compression, body.method)  # before decoding: it is cheap
             item = await task.decode(body, raw, svc.decode_context(pixels))
-            plan = svc.plan_for(body.compression, body.method)
-            state["level"] = svc.level_label(plan)
-            result, trace, info = await svc.submit(plan, item)
-            request.app.state.metrics.tokens_kept.labels(task.name, state["level"]).observe(trace.kept_ratio)
+            state["level"], state["method"] = svc.level_label(plan), plan.method
+            deadline_s = body.deadline_ms / 1000 if body.deadline_ms else None
+            result, trace, info = await svc.submit(plan, item, deadline_s=deadline_s)
+            kept = request.app.state.metrics.tokens_kept
+            kept.labels(task.name, state["level"], state["method"]).observe(trace.kept_ratio)
             return {**task.encode(body, result), **report(svc, body, plan, trace, info, state["started"])}
 
     endpoint.__doc__ = task.summary
@@ -205,7 +232,23 @@ def openapi_body(task: Task) -> dict:
     }
 
 
-def v1_router() -> APIRouter:
+def limits_doc(limits: LimitSettings) -> str:
+    """This server's input limits, as the OpenAPI description of every task route states them."""
+    return (
+        "Limits on this server (`TOKENLEAN_LIMITS__*`): "
+        f"the body at most {limits.max_request_bytes} bytes, and received within "
+        f"{limits.body_timeout_s:g} s (else 408); each image at most {limits.max_upload_bytes} bytes "
+        f"and {limits.max_image_pixels} pixels, the images of one request at most "
+        f"{limits.max_request_pixels} pixels in total (413, from the image headers, before decoding); "
+        f"a question or text at most {limits.max_question_chars} characters, at most "
+        f"{limits.max_candidates} candidates, `top_k` at most {limits.max_top_k} (422)."
+    )
+
+
+TASK_ERRORS = (400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
+
+
+def v1_router(limits: LimitSettings) -> APIRouter:
     """The v1 API of every registered task, and /v1/models."""
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     for task in tasks().values():
@@ -215,11 +258,14 @@ def v1_router() -> APIRouter:
             methods=["POST"],
             response_model=task.response,
             summary=task.summary,
+            description=f"{task.summary} JSON (base64 images) or multipart/form-data (image files).\n\n"
+            + limits_doc(limits),
             name=task.name,
+            responses=error_responses(*TASK_ERRORS),
             openapi_extra=openapi_body(task),
         )
 
-    @v1.get("/models")
+    @v1.get("/models", responses=error_responses(401))
     async def models(request: Request):
         """What is loaded: task, model, methods, levels with their FLOPs, backend."""
         return {"models": [svc.describe() for svc in request.app.state.services.values()]}

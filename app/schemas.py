@@ -3,23 +3,63 @@ of what compression cost and saved. Each task (app/tasks/) adds its own fields."
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-Compression = str | float | None
-IMAGE_DOC = "base64 image (PNG, JPEG, WebP, BMP, GIF); a data: URL is accepted"
+IMAGE_DOC = (
+    "base64 image (PNG, JPEG, WebP, BMP, GIF; whitespace and line breaks are ignored), or a "
+    "data:image/...;base64, URL"
+)
 # A 1x1 PNG, the OpenAPI examples' image.
 PNG_EXAMPLE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 COMPRESSION_DOC = "none | low | medium | high, or the fraction of encoder FLOPs to remove in [0, 0.9]"
+DEADLINE_DOC = "server-side deadline: answered 504 if not started by then"
+
+
+def _unicode_text(value: Any) -> Any:
+    """Strings a tokenizer can take: JSON's \\ud800 escapes (or a multipart charset such as
+    UTF-7) can produce lone surrogates, which are not text and cannot be encoded."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+        if not value.strip():
+            raise ValueError("must not be empty")
+    return value
+
+
+def _no_bool(value: Any) -> Any:
+    # JSON true/false would otherwise pass as the numbers 1 and 0.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+def _compression(value: Any) -> Any:
+    value = _unicode_text(_no_bool(value))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+# Every client string a model or a message may see goes through one of these types.
+Text = Annotated[str, BeforeValidator(_unicode_text)]
+Name = Annotated[str, BeforeValidator(_unicode_text), Field(max_length=64)]
+Compression = Annotated[Annotated[str, Field(max_length=32)] | float | None, BeforeValidator(_compression)]
+TopK = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
+DeadlineMs = Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=600_000)]
 
 
 class TaskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     compression: Compression = Field(default=None, description=COMPRESSION_DOC, examples=["medium", 0.4])
-    method: str | None = Field(
+    method: Name | None = Field(
         default=None, description="reduction method; default: the model's", examples=["pumer"]
     )
+    deadline_ms: DeadlineMs | None = Field(default=None, description=DEADLINE_DOC)
 
 
 class ScoredLabel(BaseModel):
@@ -28,7 +68,7 @@ class ScoredLabel(BaseModel):
 
 
 class CompressionReport(BaseModel):
-    requested: Compression
+    requested: str | float | None
     level: str = Field(description="the named level, or the numeric target")
     method: str
     plan: dict[str, Any]

@@ -136,7 +136,8 @@ class TaskService:
     def _observe_batch(self, key: tuple[ReductionPlan, Any], info: BatchInfo, waits: list[float]) -> None:
         m, level, name = self.metrics, self.level_label(key[0]), self.task.name
         m.batch_size.labels(name).observe(info.size)
-        m.inference_duration.labels(name, level, self.settings.backend).observe(info.inference_s)
+        method = key[0].method
+        m.inference_duration.labels(name, level, method, self.settings.backend).observe(info.inference_s)
         for w in waits:
             m.queue_wait.labels(name).observe(w)
 

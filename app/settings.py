@@ -51,8 +51,21 @@ class BatchingSettings(BaseModel):
 class LimitSettings(BaseModel):
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="per image")
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="whole request body")
-    max_image_pixels: int = Field(default=40_000_000, ge=1, description="per image, read from its header")
-    max_request_pixels: int = Field(default=80_000_000, ge=1, description="all images of one request")
+    # The models see 64-224 px, so pixels beyond a camera photo only cost decoding time and
+    # memory: 25 M takes a 24-megapixel photo (6000x4000); larger images are best downscaled
+    # by the client.
+    max_image_pixels: int = Field(default=25_000_000, ge=1, description="per image, read from its header")
+    max_request_pixels: int = Field(
+        default=100_000_000, ge=1, description="all images of one request, read from their headers"
+    )
+    decode_budget_pixels: int = Field(
+        default=50_000_000,
+        ge=1,
+        description="pixels being decoded at once across requests; further large images wait their turn",
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="a request body not received within this is answered 408"
+    )
     max_question_chars: int = Field(default=512, ge=1)
     max_candidates: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=20, ge=1)
@@ -87,7 +100,13 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: str = "info"
     warmup: bool = True
-    shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    shutdown_timeout_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM: how long queued requests may take before 503"
+    )
+    max_connections: int = Field(
+        default=1024, ge=1, description="open connections (uvicorn's limit_concurrency); more get 503"
+    )
+    keep_alive_s: int = Field(default=5, ge=1, description="idle keep-alive connections close after this")
 
     @field_validator("models")
     @classmethod
@@ -121,8 +140,11 @@ class Settings(BaseSettings):
 
     @field_validator("api_key")
     @classmethod
-    def _empty_key_is_none(cls, value: str | None) -> str | None:
-        return value or None
+    def _no_empty_key(cls, value: str | None) -> str | None:
+        # `TOKENLEAN_API_KEY=` (a secret that failed to render) must not turn authentication off.
+        if value is not None and not value.strip():
+            raise ValueError("is empty: set a token, or unset TOKENLEAN_API_KEY to serve without one")
+        return value
 
     def resolved_device(self) -> str:
         if self.device != "auto":

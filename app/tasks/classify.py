@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, ScoredLabel, TaskRequest
+from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, ScoredLabel, TaskRequest, TopK
 from app.tasks.base import register_task
 from app.tasks.labels import LabelItem, LabelTask
 
 
 class ClassifyRequest(TaskRequest):
     image: str = Field(description=IMAGE_DOC)
-    top_k: int = Field(default=5, ge=1)
+    top_k: TopK = Field(default=5, description="labels returned, at most `max_top_k`")
 
 
 class ClassifyResponse(Report):

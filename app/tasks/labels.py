@@ -29,11 +29,11 @@ class LabelTask(Task):
 
     async def decode(self, body, images, ctx) -> LabelItem:
         check_top_k(body.top_k, ctx.limits)
+        if self.asks and len(body.question) > ctx.limits.max_question_chars:
+            raise InvalidInput(f"question: at most {ctx.limits.max_question_chars} characters")
         pixels = (await ctx.pixels(images["image"][:1]))[0]
         if not self.asks:
             return LabelItem(pixels, body.top_k)
-        if len(body.question) > ctx.limits.max_question_chars:
-            raise InvalidInput(f"question: at most {ctx.limits.max_question_chars} characters")
         return LabelItem(pixels, body.top_k, body.question, ctx.text_length([body.question]))
 
     def scores(self, model: BatchModel, logits: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
 from app.errors import InvalidInput
-from app.schemas import PNG_EXAMPLE, Report, TaskRequest
+from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, TaskRequest, Text
 from app.tasks.base import BatchModel, Task, register_task, softmax
 
 _FILE = {"type": "string", "format": "binary"}
@@ -18,10 +18,22 @@ _FILE = {"type": "string", "format": "binary"}
 class RetrievalRequest(TaskRequest):
     """Either `image` + `texts` (rank the texts) or `text` + `images` (rank the images)."""
 
-    image: str | None = Field(default=None, description="base64 image whose candidate texts are ranked")
-    texts: list[str] | None = Field(default=None, examples=[["a red circle", "a blue triangle"]])
-    text: str | None = Field(default=None, description="text whose candidate images are ranked")
-    images: list[str] | None = Field(default=None, description="base64 candidate images")
+    image: str | None = Field(
+        default=None, description=f"image whose candidate texts are ranked: {IMAGE_DOC}"
+    )
+    texts: list[Text] | None = Field(
+        default=None,
+        description="candidate texts: at most `max_candidates`, each at most `max_question_chars` characters",
+        examples=[["a red circle", "a blue triangle"]],
+    )
+    text: Text | None = Field(
+        default=None,
+        description="the text whose candidate images are ranked, at most `max_question_chars` characters",
+    )
+    images: list[str] | None = Field(
+        default=None,
+        description="candidate images, each like `image`; at most `max_candidates`",
+    )
 
     @model_validator(mode="after")
     def _one_direction(self) -> RetrievalRequest:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, ScoredLabel, TaskRequest
+from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, ScoredLabel, TaskRequest, Text, TopK
 from app.tasks.base import BatchModel, register_task, sigmoid, softmax
 from app.tasks.labels import LabelItem, LabelTask
 
 
 class VQARequest(TaskRequest):
     image: str = Field(description=IMAGE_DOC)
-    question: str = Field(min_length=1, examples=["what shape is in the image?"])
-    top_k: int = Field(default=3, ge=1)
+    question: Text = Field(
+        description="at most `max_question_chars` characters (see the limits above)",
+        examples=["what shape is in the image?"],
+    )
+    top_k: TopK = Field(default=3, description="answers returned, at most `max_top_k`")
 
 
 class VQAResponse(Report):

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from app.server import uvicorn_shutdown_timeout
 from app.settings import Settings
 from app.tasks.base import tasks
 
@@ -460,9 +461,11 @@ def test_compose_port_and_environment_agree_with_the_image(monkeypatch):
     ports = [container_port(p) for p in service["ports"]]
     assert [c for _, c in ports] == [settings.port]
     assert ports[0][0] is not None, "the service port is published"
-    # A graceful stop (queued requests finish) fits in the grace period.
+    # A graceful stop (queued requests finish, uploads still under way are cut off last) fits in
+    # the grace period.
     grace = service["stop_grace_period"]
-    assert re.fullmatch(r"\d+s", grace) and int(grace[:-1]) > settings.shutdown_timeout_s
+    assert re.fullmatch(r"\d+s", grace)
+    assert int(grace[:-1]) > uvicorn_shutdown_timeout(settings)
 
 
 def test_compose_gpu_override_reserves_an_nvidia_device():
@@ -606,9 +609,11 @@ def test_dashboard_is_well_formed_and_covers_the_issue():
         "tokenlean_batch_size_",
         "tokenlean_tokens_kept_ratio_",
         "tokenlean_gpu_memory_",
-        'status=~"4xx|5xx"',
+        'status=~"4..|5.."',  # status is the code: 4xx and 5xx are regexes over it
+        'method=~"$method"',
     ):
         assert needed in joined, needed
+    assert "4xx" not in joined and "5xx" not in joined, "status classes are not label values"
 
 
 # PromQL words that are not metric names.

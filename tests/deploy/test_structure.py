@@ -90,12 +90,13 @@ def test_serve_help_imports_no_tensor_library():
 def test_no_family_name_is_compared_outside_its_family():
     compared = re.compile(r"family\S*\s*(==|!=|\bin\b)|(==|!=)\s*\S*family")
     literal = re.compile(r"""(==|!=|\bin)\s*\(?["'](vit|vilt)["']""")
+    loop_header = re.compile(r"\bfor\s+[\w\s,()]+?\s+in\b")
     offenders = []
     for name, path in source_modules().items():
         if name.startswith("models.families"):
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("#")[0]
+            code = loop_header.sub("", line.split("#")[0])  # `for family in ...` compares nothing
             if compared.search(code) or literal.search(code):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)

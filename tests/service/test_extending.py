@@ -182,8 +182,9 @@ def test_a_registered_task_gets_its_route_settings_and_metrics(toy_task):
         assert r.status_code == 200, r.text
         assert 0 < r.json()["confidence"] <= 1 and r.json()["compression"]["level"] == "low"
         assert client.post("/v1/classify", json={"image": B64}).status_code == 404
+        method = r.json()["compression"]["method"]
         assert (
-            f'tokenlean_requests_total{{level="low",status="2xx",task="{toy_task}"}}'
+            f'tokenlean_requests_total{{level="low",method="{method}",status="200",task="{toy_task}"}}'
             in client.get("/metrics").text
         )
         assert f"/v1/{toy_task}" in client.get("/openapi.json").json()["paths"]

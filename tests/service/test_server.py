@@ -110,9 +110,16 @@ def test_concurrent_requests_match_direct_calls_and_metrics_add_up(server):
         sent = sum(1 for _, lv in cases if lv == level)
         if label is None:
             continue
-        key = ("tokenlean_requests_total", (("level", label), ("status", "2xx"), ("task", "vqa")))
+        method = "none" if level == "none" else "pumer"
+        key = (
+            "tokenlean_requests_total",
+            (("level", label), ("method", method), ("status", "200"), ("task", "vqa")),
+        )
         assert after.get(key, 0) - before.get(key, 0) == sent
-        hist = ("tokenlean_request_duration_seconds_count", (("level", label), ("task", "vqa")))
+        hist = (
+            "tokenlean_request_duration_seconds_count",
+            (("level", label), ("method", method), ("task", "vqa")),
+        )
         assert after.get(hist, 0) - before.get(hist, 0) == sent
     numeric = [k for k in after if k[0] == "tokenlean_requests_total" and dict(k[1])["level"].startswith("~")]
     assert numeric, "a numeric compression is counted under its FLOPs bucket"
@@ -132,3 +139,9 @@ def scrape(base: str) -> dict:
         for f in text_string_to_metric_families(text)
         for s in f.samples
     }
+
+
+def test_inference_duration_has_the_method_label(server):
+    samples = [k for k in scrape(server) if k[0] == "tokenlean_inference_duration_seconds_count"]
+    assert samples and all("method" in dict(k[1]) for k in samples)
+    assert {dict(k[1])["method"] for k in samples} >= {"none", "pumer"}

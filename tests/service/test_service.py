@@ -231,14 +231,13 @@ def test_chunked_upload_over_the_limit_is_refused(client):
 
 
 def test_errors_are_counted_and_service_keeps_serving(client):
-    before = scrape(client).get(
-        ("tokenlean_requests_total", (("level", "invalid"), ("status", "4xx"), ("task", "vqa"))), 0
+    key = (
+        "tokenlean_requests_total",
+        (("level", "invalid"), ("method", "invalid"), ("status", "400"), ("task", "vqa")),
     )
+    before = scrape(client).get(key, 0)
     client.post("/v1/vqa", json={"image": "###", "question": "q"})
-    after = scrape(client)[
-        ("tokenlean_requests_total", (("level", "invalid"), ("status", "4xx"), ("task", "vqa")))
-    ]
-    assert after == before + 1
+    assert scrape(client)[key] == before + 1
     assert (
         client.post("/v1/vqa", json={"image": B64, "question": "what shape is in the image?"}).status_code
         == 200
@@ -255,6 +254,24 @@ def test_overload_is_503_with_retry_after_and_counted(client, monkeypatch):
     r = client.post("/v1/classify", json={"image": B64})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert scrape(client)[("tokenlean_rejected_total", (("task", "classify"),))] >= 1
+
+
+def test_a_full_backlog_refuses_every_task_before_the_body_is_read(client, monkeypatch):
+    backlog = client.app.state.services["vqa"].batcher.backlog  # one backlog: the model thread's
+    limit = client.app.state.settings.batching.max_queue_wait_ms / 1000
+    decoded = []
+    monkeypatch.setattr("app.routes.parse", lambda *a: decoded.append(a))  # must not be reached
+    backlog.admit(limit + 3.0)
+    try:
+        for task, body in (("vqa", {"image": B64, "question": "what?"}), ("classify", {"image": B64})):
+            r = client.post(f"/v1/{task}", json=body)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+            assert int(r.headers["retry-after"]) >= 3 and "queued ahead" in r.json()["error"]["message"]
+    finally:
+        backlog.withdraw(limit + 3.0)
+        monkeypatch.undo()
+    assert not decoded
+    assert client.post("/v1/classify", json={"image": B64}).status_code == 200
 
 
 # ------------------------------------------------------------------ auth and readiness

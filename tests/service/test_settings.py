@@ -1,10 +1,16 @@
-"""Settings: one entry per registered task, from variables and from `tokenlean serve` flags."""
+"""Settings: one entry per registered task, from variables and from `tokenlean serve` flags; values
+that would silently weaken the service are refused."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 
 from app.cli import fold_model_flags
+from app.metrics import LATENCY_BUCKETS
 from app.settings import CHECKPOINTS, Settings
 
 
@@ -31,3 +37,30 @@ def test_unknown_tasks_and_backends_are_refused():
         Settings(models={"captioning": {}})
     with pytest.raises(ValueError, match="unknown backend"):
         Settings(backend="tensorrt")
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_api_key_refuses_to_start_instead_of_disabling_auth(monkeypatch, value):
+    monkeypatch.setenv("TOKENLEAN_API_KEY", value)
+    with pytest.raises(ValueError, match="api_key"):
+        Settings()
+    monkeypatch.delenv("TOKENLEAN_API_KEY")
+    assert Settings().api_key is None  # unset: no auth, as documented
+
+
+def test_serve_with_an_empty_api_key_exits_with_the_reason():
+    env = {**os.environ, "TOKENLEAN_API_KEY": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "api_key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_top_finite_latency_bucket_is_30_seconds():
+    assert LATENCY_BUCKETS[-1] == 30.0
+    assert LATENCY_BUCKETS[0] <= 0.0005
