@@ -4,7 +4,8 @@ benchmarks all load checkpoints here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ class ModelBundle:
     preprocess: ImagePreprocessor
     tokenizer: Any = None
     name: str = ""
+    # A fast tokenizer sets its padding/truncation on the shared Rust object for each call, and the
+    # service measures texts on the event loop while it encodes batches on the model thread: calls
+    # are serialised so one call's settings cannot apply to the other's.
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -45,15 +50,17 @@ class ModelBundle:
         model's limit). A text's result then depends on its own length bucket only, never on which
         other texts share its batch (PuMer's text merge count follows the padded length)."""
         limit = self.model.max_text_tokens
-        ids = self.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+        with self._tokenizer_lock:
+            ids = self.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
         longest = max(len(i) for i in ids)
         return min(-(-longest // TEXT_BUCKET) * TEXT_BUCKET, limit)
 
     def encode_texts(self, texts: list[str], length: int | None = None) -> dict[str, torch.Tensor]:
         length = length or self.padded_length(texts)
-        enc = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt"
-        )
+        with self._tokenizer_lock:
+            enc = self.tokenizer(
+                texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt"
+            )
         return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
 
     def inputs(
