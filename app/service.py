@@ -51,6 +51,7 @@ class TaskService:
         started = time.perf_counter()
         self.bundle = load_bundle(cfg.checkpoint, device)
         self.model = self.bundle.model
+        self.labels = self.bundle.labels()  # read once: every batch's results name them
         if not task.serves(self.model):
             raise ValueError(f"{task.name}: {cfg.checkpoint} ({self.model.kind}) cannot serve this task")
         self.backend = get_backend(settings.backend)(self.bundle, task.name, cfg.export_dir or None)
@@ -120,7 +121,7 @@ class TaskService:
             traces.append(out)
             return out.logits
 
-        return BatchModel(forward, self.bundle.labels(), self.bundle.single_label)
+        return BatchModel(forward, self.labels, self.bundle.single_label)
 
     def _run_batch(self, key: tuple[ReductionPlan, Any], items: list[Any]) -> list[tuple[Any, Trace]]:
         plan = key[0]

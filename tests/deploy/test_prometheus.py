@@ -41,6 +41,7 @@ from test_deploy_files import (
 )
 
 from app.metrics import GPUMemoryCollector
+from bench.server import free_port
 
 PROMETHEUS_BIN = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
@@ -49,14 +50,6 @@ NEEDS_PROMETHEUS = pytest.mark.skipif(
     reason="prometheus/promtool not found: install Debian's `prometheus` package (.ci/run does)",
 )
 READY_TIMEOUT_S = 120  # bounds every wait below; nothing asserts on how fast it is reached
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):

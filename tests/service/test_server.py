@@ -7,7 +7,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,12 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import Settings
+from bench.server import free_port
 from models.bundle import load_bundle
 from models.demo import data
 
 LEVELS = ["none", "low", "medium", "high", "0.35"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(array) -> bytes:
