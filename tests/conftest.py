@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (
+    BertConfig,
     CLIPConfig,
     CLIPModel,
     CLIPVisionConfig,
@@ -100,6 +101,46 @@ def build_vilt(kind: str, layers: int = 6) -> torch.nn.Module:
         "vilt-retrieval": ViltForImageAndTextRetrieval,
     }
     return cls[kind](vilt_config(layers)).eval()
+
+
+TWO_STREAM_KINDS = ["two-stream", "two-stream-vqa", "two-stream-retrieval"]
+TWO_STREAM_TOWERS = ["dinov2", "vit", "clip-vision"]
+
+
+def two_stream_config(tower: str = "dinov2", fusion_layers: int = 2):
+    from models.two_stream import TwoStreamConfig
+
+    vision = {
+        "dinov2": lambda: Dinov2Config(**SMALL, image_size=64, patch_size=8),
+        "vit": lambda: ViTConfig(**SMALL, image_size=64, patch_size=8),
+        "clip-vision": lambda: CLIPVisionConfig(**SMALL, image_size=64, patch_size=8),
+    }[tower]()
+    text = BertConfig(
+        vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96
+    )
+    return TwoStreamConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_fusion_layers=fusion_layers,
+        image_size=64,  # 64 patches + [CLS], the ViLT inputs' size
+        max_text_tokens=16,
+        num_labels=7,
+    )
+
+
+def build_two_stream(kind: str = "two-stream-vqa", tower: str = "dinov2", fusion_layers: int = 2):
+    from models.two_stream import TwoStreamForImageTextMatching, TwoStreamForQuestionAnswering, TwoStreamModel
+
+    torch.manual_seed(0)
+    cls = {
+        "two-stream": TwoStreamModel,
+        "two-stream-vqa": TwoStreamForQuestionAnswering,
+        "two-stream-retrieval": TwoStreamForImageTextMatching,
+    }[kind]
+    return _randomise_layerscale(cls(two_stream_config(tower, fusion_layers))).eval()
 
 
 def vilt_inputs(batch: int = 3, text_len: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -1,3 +1,3 @@
 """The built-in families; importing a module registers its family."""
 
-from models.families import lookupvit, vilt, vision  # noqa: F401
+from models.families import lookupvit, two_stream, vilt, vision  # noqa: F401

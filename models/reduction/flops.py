@@ -25,3 +25,21 @@ class LayerCost:
 def encoder_flops(costs: list[LayerCost], tokens: list[int]) -> int:
     """tokens[i] enter layer i; tokens[i + 1] leave its reducer (len(tokens) == len(costs) + 1)."""
     return sum(c.flops(tokens[i], tokens[i + 1]) for i, c in enumerate(costs))
+
+
+@dataclass(frozen=True)
+class FusionCost:
+    """One co-attention fusion layer (METER): per stream self-attention, cross-attention to the
+    other stream, MLP. width: the fusion width D; mlp_weights: one stream's MLP multiply-adds per
+    token."""
+
+    width: int
+    mlp_weights: int
+
+    def flops(self, text_in: int, image_in: int, text_out: int, image_out: int) -> int:
+        d, t, i = self.width, text_in, image_in
+        # Self-attention q, k, v, o on each stream's tokens; cross-attention q, o on its own and
+        # k, v on the other stream's.
+        projections = 8 * d * d * (t + i)
+        products = 2 * d * (t * t + i * i) + 4 * d * t * i
+        return 2 * (projections + products + self.mlp_weights * (text_out + image_out))

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 IMAGE = "image"  # one stream: protected tokens ([CLS], ...) then image patches
 TEXT_IMAGE = "text+image"  # one joint stream: text tokens ([CLS] first), then image tokens ([CLS] first)
 GRID = "grid"  # a compressed-token architecture whose compression is its grid (LookupViT)
+# A vision tower and a text tower, then co-attention fusion layers (METER): a plan's layers are the
+# vision tower's, then the fusion layers'.
+TWO_STREAM = "two-stream"
 
 
 class ReductionMethod(ABC):

@@ -1,0 +1,55 @@
+"""Two-stream (METER-layout) configuration: plain data, saved as config.json with the checkpoint."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+class TwoStreamConfig(PretrainedConfig):
+    """A vision tower (any ViT-like Hugging Face config: DINOv2, ViT, DeiT, CLIP vision), a text
+    tower (any BERT-like encoder config) and `num_fusion_layers` co-attention fusion layers of
+    `hidden_size` width, as in METER (Dou et al., CVPR 2022).
+
+    image_size: the input size the model runs at, which may differ from the vision tower's own
+    `image_size` (DINOv2's position grid is for 518 px; its embeddings interpolate to the input).
+    max_text_tokens: the longest text the service passes (padding included).
+    tokenlean_weight_sources: {submodule prefix: tower source} for towers whose weights come from an
+    installed package rather than this checkpoint (models/towers.py); None when it holds them all.
+    """
+
+    model_type = "tokenlean-two-stream"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+    }
+
+    vision_config: PretrainedConfig | dict | None = None
+    text_config: PretrainedConfig | dict | None = None
+    hidden_size: int = 384
+    num_fusion_layers: int = 2
+    num_attention_heads: int = 6
+    intermediate_size: int = 1536
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    image_size: int = 224
+    max_text_tokens: int = 32
+    tokenlean_weight_sources: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of the patch size {self.patch_size}"
+            )
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.vision_config.patch_size)
+
+    @property
+    def num_channels(self) -> int:
+        return int(getattr(self.vision_config, "num_channels", 3))

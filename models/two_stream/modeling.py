@@ -1,0 +1,242 @@
+"""Two-stream vision-language model in METER's layout: a vision tower and a text tower (any
+supported Hugging Face encoders), their outputs projected to one width and tagged by modality,
+then co-attention fusion layers. Each fusion layer runs, per stream: self-attention,
+cross-attention to the other stream, MLP (pre-norm). Both streams' cross-attentions read the
+other stream after its self-attention, so the two run side by side. Heads read the two streams'
+first tokens ([CLS] of the text, [CLS] of the image), each through a tanh pooler.
+
+A fusion layer's forward is `attend` then `feed_forward`, so a reduced forward
+(models/families/two_stream.py) can remove tokens between them with the same modules.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from models.two_stream.configuration import TwoStreamConfig
+
+TEXT, IMAGE = 0, 1  # modality embedding rows
+
+
+def padding_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, T) 1/0 mask -> additive key bias (B, 1, 1, T), or None when nothing is padding."""
+    if attention_mask is None:
+        return None
+    blocked = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    blocked = blocked.masked_fill(attention_mask == 0, torch.finfo(dtype).min)
+    return blocked[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose queries come from one sequence and keys/values from another
+    (the same one for self-attention)."""
+
+    def __init__(self, config: TwoStreamConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+    @property
+    def scale(self) -> float:
+        return (self.q_proj.out_features // self.num_heads) ** -0.5
+
+    def heads(self, proj: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+        b, n, _ = h.shape
+        return proj(h).view(b, n, self.num_heads, -1).transpose(1, 2)
+
+    def project(self, query: torch.Tensor, context: torch.Tensor):
+        """(q, k, v), each (B, heads, N, head_dim)."""
+        return (
+            self.heads(self.q_proj, query),
+            self.heads(self.k_proj, context),
+            self.heads(self.v_proj, context),
+        )
+
+    def output(self, q, k, v, bias: torch.Tensor | None) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        b, _, n, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, query, context, bias=None) -> torch.Tensor:
+        return self.output(*self.project(query, context), bias)
+
+
+class FusionStream(nn.Module):
+    """One stream's half of a fusion layer."""
+
+    def __init__(self, config: TwoStreamConfig):
+        super().__init__()
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.norm_self, self.norm_cross, self.norm_mlp = (nn.LayerNorm(d, eps=eps) for _ in range(3))
+        self.self_attn = Attention(config)
+        self.cross_attn = Attention(config)
+        self.fc1 = nn.Linear(d, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, d)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@dataclass
+class FusionAttention:
+    """What one fusion layer's attention leaves for a reducer: each stream's self-attention keys
+    and the text -> image cross-attention's queries and keys (B, heads, N, head_dim)."""
+
+    text_keys: torch.Tensor
+    image_keys: torch.Tensor
+    text_cross_queries: torch.Tensor
+    image_cross_keys: torch.Tensor
+    scale: float
+
+
+class FusionLayer(nn.Module):
+    def __init__(self, config: TwoStreamConfig):
+        super().__init__()
+        self.text = FusionStream(config)
+        self.image = FusionStream(config)
+
+    def attend(self, t, i, text_bias, image_bias) -> tuple[torch.Tensor, torch.Tensor, FusionAttention]:
+        """Self-attention of each stream, then cross-attention of each to the other."""
+        ts, is_ = self.text, self.image
+        qt, kt, vt = ts.self_attn.project(*(2 * (ts.norm_self(t),)))
+        qi, ki, vi = is_.self_attn.project(*(2 * (is_.norm_self(i),)))
+        t = t + ts.self_attn.output(qt, kt, vt, text_bias)
+        i = i + is_.self_attn.output(qi, ki, vi, image_bias)
+        ht, hi = ts.norm_cross(t), is_.norm_cross(i)
+        q_text, k_image, v_image = ts.cross_attn.project(ht, hi)
+        t = t + ts.cross_attn.output(q_text, k_image, v_image, image_bias)
+        i = i + is_.cross_attn(hi, ht, text_bias)
+        return t, i, FusionAttention(kt, ki, q_text, k_image, ts.cross_attn.scale)
+
+    def feed_forward(self, t, i) -> tuple[torch.Tensor, torch.Tensor]:
+        return t + self.text.mlp(self.text.norm_mlp(t)), i + self.image.mlp(self.image.norm_mlp(i))
+
+    def forward(self, t, i, text_bias=None, image_bias=None):
+        t, i, _ = self.attend(t, i, text_bias, image_bias)
+        return self.feed_forward(t, i)
+
+
+@dataclass
+class TwoStreamOutput(ModelOutput):
+    text_hidden_state: torch.Tensor | None = None
+    image_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class TwoStreamPreTrainedModel(PreTrainedModel):
+    config_class = TwoStreamConfig
+    config: TwoStreamConfig
+    base_model_prefix = "two_stream"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    _no_split_modules = ["FusionLayer"]
+
+
+class TwoStreamModel(TwoStreamPreTrainedModel):
+    def __init__(self, config: TwoStreamConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.vision = AutoModel.from_config(config.vision_config)
+        self.text = AutoModel.from_config(config.text_config)
+        self.image_proj = nn.Linear(config.vision_config.hidden_size, d)
+        self.text_proj = nn.Linear(config.text_config.hidden_size, d)
+        self.modality = nn.Embedding(2, d)
+        self.layers = nn.ModuleList([FusionLayer(config) for _ in range(config.num_fusion_layers)])
+        self.text_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.image_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.text_pool = nn.Linear(d, d)
+        self.image_pool = nn.Linear(d, d)
+        self.post_init()
+
+    def vision_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower's last hidden state (with the tower's own final norm, if it has one)."""
+        pixel_values = pixel_values.to(self.image_proj.weight.dtype)
+        size = self.config.vision_config.image_size
+        kwargs = {}
+        if "interpolate_pos_encoding" in inspect.signature(self.vision.forward).parameters:
+            kwargs["interpolate_pos_encoding"] = tuple(pixel_values.shape[-2:]) != (size, size)
+        return self.vision(pixel_values=pixel_values, **kwargs).last_hidden_state
+
+    def text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def enter(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tower outputs -> the fusion width, with their modality embedding added."""
+        t = self.text_proj(text) + self.modality.weight[TEXT]
+        i = self.image_proj(image) + self.modality.weight[IMAGE]
+        return t, i
+
+    def pool(self, t: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final norms, then [text CLS, image CLS] through their poolers: (t, i, (B, 2D))."""
+        t, i = self.text_norm(t), self.image_norm(i)
+        pooled = torch.cat(
+            [torch.tanh(self.text_pool(t[:, 0])), torch.tanh(self.image_pool(i[:, 0]))], dim=-1
+        )
+        return t, i, pooled
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> TwoStreamOutput:
+        t, i = self.enter(self.text_tokens(input_ids, attention_mask), self.vision_tokens(pixel_values))
+        text_bias = padding_bias(attention_mask, t.dtype)
+        for layer in self.layers:
+            t, i = layer(t, i, text_bias, None)
+        t, i, pooled = self.pool(t, i)
+        return TwoStreamOutput(text_hidden_state=t, image_hidden_state=i, pooler_output=pooled)
+
+
+class TwoStreamForQuestionAnswering(TwoStreamPreTrainedModel):
+    """Answer classifier on the pooled streams (METER's VQA head)."""
+
+    def __init__(self, config: TwoStreamConfig):
+        super().__init__(config)
+        self.two_stream = TwoStreamModel(config)
+        d = 2 * config.hidden_size
+        self.classifier = nn.Sequential(
+            nn.Linear(d, d),
+            nn.LayerNorm(d, eps=config.layer_norm_eps),
+            nn.GELU(),
+            nn.Linear(d, config.num_labels),
+        )
+        self.post_init()
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(pooled)
+
+    def forward(self, input_ids, pixel_values, attention_mask=None, **kwargs) -> TwoStreamOutput:
+        out = self.two_stream(input_ids, pixel_values, attention_mask)
+        out.logits = self.head(out.pooler_output)
+        return out
+
+
+class TwoStreamForImageTextMatching(TwoStreamPreTrainedModel):
+    """One image-text matching logit per pair on the pooled streams."""
+
+    def __init__(self, config: TwoStreamConfig):
+        super().__init__(config)
+        self.two_stream = TwoStreamModel(config)
+        self.rank_output = nn.Linear(2 * config.hidden_size, 1)
+        self.post_init()
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.rank_output(pooled)
+
+    def forward(self, input_ids, pixel_values, attention_mask=None, **kwargs) -> TwoStreamOutput:
+        out = self.two_stream(input_ids, pixel_values, attention_mask)
+        out.logits = self.head(out.pooler_output)
+        return out

@@ -1,0 +1,168 @@
+"""The two-stream (METER-layout) family on tiny random models built in code: exact at `none` and
+whenever a plan removes nothing, every method and level on both stages, token counts as scheduled,
+towers run once per distinct image or text, and checkpoints round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TWO_STREAM_KINDS, TWO_STREAM_TOWERS, build_two_stream, vilt_inputs
+
+from models import NO_REDUCTION, LayerSpec, ReductionPlan, reducible
+from models.levels import named_plan, resolve
+from models.loading import load_model
+from models.plan import LEVELS
+
+TOL = 1e-5
+
+
+def inputs(batch: int = 4):
+    named = vilt_inputs(batch=batch, text_len=12)
+    return named["input_ids"], named["pixel_values"], named["attention_mask"]
+
+
+def reference(model, ids, px, mask) -> dict[str, torch.Tensor]:
+    out = model(ids, px, mask)
+    ref = {"pooler_output": out.pooler_output}
+    if out.logits is not None:
+        ref["logits"] = out.logits
+    return ref
+
+
+def removes_nothing(rm) -> list[ReductionPlan]:
+    """Per method, plans whose specs are set but round to zero tokens on these inputs."""
+    fusion = LayerSpec(prune=0.001, merge_image=0.001, merge_text=0.01)
+    tower = {
+        "tome": LayerSpec(r=0),
+        "tcvit": LayerSpec(r=0),
+        "evit": LayerSpec(keep_rate=1.0),
+        "pumer": LayerSpec(),
+    }
+    return [
+        ReductionPlan(m, (tower[m],) * rm.tower.num_layers + (fusion,) * rm.num_fusion_layers, level="noop")
+        for m in rm.methods
+    ]
+
+
+@pytest.mark.parametrize("tower", TWO_STREAM_TOWERS)
+@pytest.mark.parametrize("kind", TWO_STREAM_KINDS)
+def test_plans_that_remove_nothing_equal_the_model(kind, tower):
+    model = build_two_stream(kind, tower)
+    rm = reducible(model)
+    ids, px, mask = inputs()
+    with torch.no_grad():
+        ref = reference(model, ids, px, mask)
+        for plan in [NO_REDUCTION, *removes_nothing(rm)]:
+            out = rm(ids, px, mask, plan=plan)
+            for key, value in ref.items():
+                diff = (getattr(out, key) - value).abs().max().item()
+                assert diff <= TOL, f"{kind}/{tower} {plan.method} {key}: {diff}"
+            assert out.trace.flops == out.trace.full_flops
+
+
+@pytest.mark.parametrize("level", LEVELS[1:])
+def test_every_method_follows_its_schedule_on_both_stages(level):
+    model = build_two_stream("two-stream-vqa")
+    rm = reducible(model)
+    ids, px, mask = inputs()
+    for method in rm.methods:
+        plan = named_plan(rm, level, method)
+        with torch.no_grad():
+            out = rm(ids, px, mask, plan=plan)
+        assert torch.isfinite(out.logits).all()
+        counts = rm.schedule(plan, ids.shape[1], rm.nominal_tokens()[1])
+        assert out.trace.text_tokens == tuple(t for t, _ in counts)
+        assert out.trace.image_tokens == tuple(i for _, i in counts)
+        assert out.last_hidden_state.shape[1] == sum(counts[-1])
+        assert out.trace.flops < out.trace.full_flops
+        depth = rm.tower.num_layers
+        fusion_reduced = counts[-1] != counts[depth]
+        assert fusion_reduced, f"{method} {level} leaves the fusion layers alone"
+        tower_reduced = counts[depth][1] < counts[0][1]
+        assert tower_reduced == (method != "pumer"), f"{method} {level}: tower reduced? {tower_reduced}"
+
+
+def test_levels_get_stronger_and_tower_methods_meet_at_equal_flops():
+    rm = reducible(build_two_stream("two-stream-vqa"))
+    full = rm.flops(NO_REDUCTION)
+    kept = {m: [rm.flops(named_plan(rm, lv, m)) / full for lv in LEVELS] for m in rm.methods}
+    for method, ratios in kept.items():
+        assert ratios == sorted(ratios, reverse=True) and ratios[0] == 1.0, (method, ratios)
+    for level in (1, 2, 3):  # tower methods aim at the same whole-model FLOPs per level
+        spread = [kept[m][level] for m in ("tome", "tcvit", "evit")]
+        assert max(spread) - min(spread) < 0.08, (LEVELS[level], spread)
+
+
+def test_numeric_targets_reach_the_whole_model_flops():
+    rm = reducible(build_two_stream("two-stream-vqa"))
+    full = rm.flops(NO_REDUCTION)
+    for target in (0.05, 0.3, 0.5):
+        plan = resolve(rm, target, "tome")
+        assert abs(1 - rm.flops(plan) / full - target) < 0.05, (target, rm.flops(plan) / full)
+
+
+def test_fusion_flops_by_hand():
+    rm = reducible(build_two_stream("two-stream-vqa", fusion_layers=1))
+    d, mlp = 32, 2 * 32 * 64
+    t, i = 16, 65  # nominal text tokens, 8 x 8 patches + [CLS]
+    by_hand = 2 * (8 * d * d * (t + i) + 2 * d * (t * t + i * i) + 4 * d * t * i + mlp * (t + i))
+    assert rm.fusion_cost.flops(t, i, t, i) == by_hand
+    counts = rm.schedule(NO_REDUCTION, t, i)
+    tower = sum(c.flops(i, i) for c in rm.tower.costs)
+    text = sum(c.flops(t, t) for c in rm.text_costs)
+    assert rm.flops(NO_REDUCTION) == tower + text + by_hand
+    assert len(counts) == rm.num_layers + 1
+
+
+def test_each_distinct_image_and_text_runs_its_tower_once():
+    model = build_two_stream("two-stream-retrieval")
+    rm = reducible(model)
+    ids, px, mask = inputs(batch=4)
+    px[1] = px[0]
+    px[3] = px[0]
+    ids[2], mask[2] = ids[0], mask[0]
+    seen = {"vision": [], "text": []}
+    hooks = [
+        model.two_stream.vision.embeddings.register_forward_hook(
+            lambda m, a, o: seen["vision"].append(o.shape[0])
+        ),
+        model.two_stream.text.register_forward_hook(
+            lambda m, a, kw, o: seen["text"].append(kw["input_ids"].shape[0]), with_kwargs=True
+        ),
+    ]
+    plan = named_plan(rm, "medium", "tome")
+    with torch.no_grad():
+        shared = rm(ids, px, mask, plan=plan)
+        assert seen == {"vision": [2], "text": [3]}
+        alone = rm(ids, px, mask, plan=plan, dedupe=False)
+    for h in hooks:
+        h.remove()
+    assert (shared.logits - alone.logits).abs().max().item() <= TOL
+
+
+def test_checkpoints_round_trip(tmp_path):
+    model = build_two_stream("two-stream-vqa", "vit")
+    model.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert type(loaded) is type(model)
+    ids, px, mask = inputs()
+    plan = named_plan(reducible(model), "high")
+    with torch.no_grad():
+        a = reducible(model)(ids, px, mask, plan=plan).logits
+        b = reducible(loaded)(ids, px, mask, plan=plan).logits
+    assert torch.equal(a, b)
+
+
+def test_padding_never_changes_a_rows_answer():
+    """A question's logits do not depend on how far the batch pads it (text merging counts follow
+    the padded length, so the service pads per length bucket; here the bucket is fixed)."""
+    model = build_two_stream("two-stream-vqa")
+    rm = reducible(model)
+    ids, px, mask = inputs(batch=3)
+    plan = named_plan(rm, "medium", "pumer")
+    with torch.no_grad():
+        batch = rm(ids, px, mask, plan=plan).logits
+        single = torch.cat(
+            [rm(ids[k : k + 1], px[k : k + 1], mask[k : k + 1], plan=plan).logits for k in range(3)]
+        )
+    assert (batch - single).abs().max().item() <= 1e-4
