@@ -1,11 +1,17 @@
-"""How long the model thread is busy: a cost model of each task's batches, learnt from the batches
-it runs, and the process-wide backlog of admitted work that admission control reads.
+"""How long the model thread is busy: what one batch costs, learnt from the batches that ran, and
+the process-wide backlog of admitted work that admission control reads.
 
 Every model call of a process runs on one thread (app/service.py), so a request's wait is the work
-of every task admitted before it, not only its own task's queue. The backlog counts that work in
-predicted seconds; a request is admitted when the backlog ahead of it is within the configured
-maximum wait, whatever its own size, so a retrieval request with many candidates is treated like a
-one-row question.
+of every task admitted before it, not only its own task's queue: the batch running now (what is
+left of it) and every batch the queues will form (app/batching.py runs them oldest request
+first, whatever the task). The backlog counts that work in predicted seconds; a request is
+admitted when the backlog ahead of it is within the configured maximum wait, whatever its own
+size, so a retrieval request with many candidates is treated like a one-row question.
+
+Predictions are conservative on purpose: a batch's time is predicted as the fitted line times a
+high quantile of how far recent batches ran over it, because an admitted request that waits
+longer than predicted is refused when it reaches the head of the queue (a late, slow refusal),
+while one refused too early only costs a retry.
 """
 
 from __future__ import annotations
@@ -13,26 +19,50 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Hashable
+
+QUANTILE = 0.95  # of the recent observed / fitted ratios: how much slower than the fit a batch may run
+WINDOW = 64  # recent batches those ratios are taken from
+# A running batch past its predicted time is in the tail, where its end is unknown: it counts as
+# this share of its prediction still to run, not as done.
+OVERRUN_LEFT = 0.25
+PRIOR = 20  # fewer ratios than this: the quantile is taken as if the rest were 1 (on time)
 
 
 class BatchCost:
-    """seconds(rows) ~ overhead + per_row * rows, fitted by exponentially weighted least squares
-    over the batches seen (older batches decay, so a change of load or machine shows). Each
-    observation is clipped to 3x the current prediction first, so one stall does not move it much."""
+    """Seconds one batch of `rows` rows takes.
 
-    def __init__(self, decay: float = 0.95, clip: float = 3.0):
-        self.decay, self.clip = decay, clip
+    `seconds(rows)` ~ overhead + per_row * rows, fitted by exponentially weighted least squares
+    over the batches seen (older batches decay, so a change of load or machine shows). Each
+    observation is clipped to 3x the current prediction before it enters the fit, so one stall does
+    not move the line much; the stall still counts in the spread. `conservative(rows)` is the line
+    times the `quantile` of the last `window` observed / predicted ratios (at least 1): what a
+    batch takes when the machine is as busy as it recently was."""
+
+    def __init__(
+        self, decay: float = 0.95, clip: float = 3.0, quantile: float = QUANTILE, window: int = WINDOW
+    ):
+        self.decay, self.clip, self.quantile = decay, clip, quantile
         self._w = self._x = self._y = self._xx = self._xy = 0.0
         self.overhead, self.per_row = 0.0, 0.0
         self.observed = 0
+        self._ratios: deque[float] = deque(maxlen=window)
+        self.spread = 1.0  # the quantile of the recent ratios, at least 1
 
     def seconds(self, rows: int) -> float:
         return self.overhead + self.per_row * rows
 
+    def conservative(self, rows: int) -> float:
+        return self.seconds(rows) * self.spread
+
     def observe(self, rows: int, seconds: float) -> None:
         if self.observed >= 3:
-            seconds = min(seconds, self.clip * max(self.seconds(rows), 1e-6))
+            predicted = max(self.seconds(rows), 1e-6)
+            self._ratios.append(seconds / predicted)
+            ordered = sorted(self._ratios)
+            self.spread = max(1.0, ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))])
+            seconds = min(seconds, self.clip * predicted)
         d = self.decay
         self._w = d * self._w + 1
         self._x = d * self._x + rows
@@ -49,27 +79,74 @@ class BatchCost:
         else:  # one batch size seen so far: all of it per row
             self.per_row, self.overhead = mean_y / max(mean_x, 1.0), 0.0
 
-    def amortised(self, rows: int, max_batch: int) -> float:
-        """Predicted seconds `rows` add to a busy queue, where batches run full."""
-        return rows * (self.overhead / max_batch + self.per_row)
+
+class CostTable:
+    """One task's batch costs, per batch key (the plan and the padded text length: levels and text
+    lengths cost differently). A key predicts from its own line once it has `min_observed`
+    batches; until then from the line of every key of the task pooled. The spread is the task's:
+    the `quantile` of how far the last `window` batches ran over what their key predicted before
+    they ran (a contention slows every key alike, and shows after a few batches of any of them).
+    At most `max_keys` keys are kept (numeric compression targets make many plans), the least
+    recently used go first."""
+
+    def __init__(
+        self, min_observed: int = 8, max_keys: int = 64, quantile: float = QUANTILE, window: int = WINDOW
+    ):
+        self.min_observed, self.max_keys, self.quantile = min_observed, max_keys, quantile
+        self.pooled = BatchCost()
+        self._by_key: OrderedDict[Hashable, BatchCost] = OrderedDict()
+        self._ratios: deque[float] = deque(maxlen=window)
+        self.spread = 1.0
+        self._lock = threading.Lock()  # observed on the model thread, read on the event loop
+
+    def observe(self, key: Hashable, rows: int, seconds: float) -> None:
+        with self._lock:
+            model = self.model(key)
+            # A key's first batch pays for lazy initialisation (a plan never run before): not an
+            # overrun the next batches will see.
+            if model.observed >= 3 and key in self._by_key:
+                self._ratios.append(seconds / max(model.seconds(rows), 1e-6))
+                # Until PRIOR ratios are in, the missing ones count as on time, so that one or two
+                # stalls right after start-up are not taken for the 90th percentile.
+                ordered = sorted([*self._ratios, *[1.0] * (PRIOR - len(self._ratios))])
+                self.spread = max(1.0, ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))])
+            self.pooled.observe(rows, seconds)
+            cost = self._by_key.pop(key, None) or BatchCost()
+            cost.observe(rows, seconds)
+            self._by_key[key] = cost
+            while len(self._by_key) > self.max_keys:
+                self._by_key.popitem(last=False)
+
+    def model(self, key: Hashable) -> BatchCost:
+        cost = self._by_key.get(key)
+        return cost if cost is not None and cost.observed >= self.min_observed else self.pooled
+
+    def seconds(self, key: Hashable, rows: int) -> float:
+        """Conservative seconds of one batch of `rows` rows under `key` (0 before any batch ran)."""
+        if rows <= 0:
+            return 0.0
+        return self.model(key).seconds(rows) * self.spread
 
 
 class Backlog:
-    """Predicted seconds of admitted work not yet done, across every task of the process. Work
-    enters when a request is admitted, becomes running when its batch starts on the model thread
-    (running work counts down as it runs) and leaves when the batch ends or the request is
-    withdrawn."""
+    """Predicted seconds of admitted work not yet done, across every task of the process: queued
+    work (each task's batcher keeps its share up to date with `admit` / `withdraw`) and the
+    batches handed to the model thread (`reserve` when handed over, counted whole until `start`,
+    then counting down, to OVERRUN_LEFT of their prediction at least, until `finish`)."""
 
     def __init__(self, clock=time.perf_counter):
         self._clock = clock
         self._lock = threading.Lock()
         self._queued = 0.0
-        self._running: dict[Hashable, tuple[float, float]] = {}  # batch -> (predicted s, started at)
+        self._running: dict[Hashable, tuple[float, float | None]] = {}  # batch -> (predicted s, started)
 
     def seconds(self) -> float:
         with self._lock:
             now = self._clock()
-            running = sum(max(cost - (now - start), 0.0) for cost, start in self._running.values())
+            running = sum(
+                cost if start is None else max(cost - (now - start), OVERRUN_LEFT * cost)
+                for cost, start in self._running.values()
+            )
             return max(self._queued, 0.0) + running
 
     def admit(self, cost: float) -> None:
@@ -80,10 +157,16 @@ class Backlog:
         with self._lock:
             self._queued -= cost
 
-    def start(self, batch: Hashable, cost: float) -> None:
-        """The batch's requests leave the queue and start running (on the model thread)."""
+    def reserve(self, batch: Hashable, cost: float) -> None:
+        """The batch left its queue for the model thread, which may still be busy."""
         with self._lock:
-            self._queued -= cost
+            self._running[batch] = (cost, None)
+
+    def start(self, batch: Hashable, cost: float | None = None) -> None:
+        """The batch starts running (on the model thread): from now on it counts down."""
+        with self._lock:
+            if cost is None:
+                cost = self._running.get(batch, (0.0, None))[0]
             self._running[batch] = (cost, self._clock())
 
     def finish(self, batch: Hashable) -> None:

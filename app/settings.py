@@ -42,6 +42,12 @@ class BatchingSettings(BaseModel):
     max_queue_wait_ms: float = Field(
         default=2000.0, gt=0, description="most predicted queueing before a request is refused"
     )
+    # HTTP work (reading, validating and decoding requests, writing answers) shares the process
+    # with the model: while the event loop runs this far behind, new requests are refused before
+    # their body is read, so that admitted work does not delay every answer, refusals included.
+    max_event_loop_lag_ms: float = Field(
+        default=30.0, gt=0, description="event-loop delay beyond which new requests are refused (503)"
+    )
     # A request not started this long after it arrived is answered 504 instead of run.
     deadline_ms: float = Field(
         default=10_000.0, gt=0, description="default server-side deadline; a request may set a shorter one"
@@ -104,7 +110,7 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="on SIGTERM: how long queued requests may take before 503"
     )
     max_connections: int = Field(
-        default=1024, ge=1, description="open connections (uvicorn's limit_concurrency); more get 503"
+        default=1024, ge=1, description="open connections (and requests in flight); past it, requests get 503"
     )
     keep_alive_s: int = Field(default=5, ge=1, description="idle keep-alive connections close after this")
 

@@ -189,8 +189,8 @@ def test_batch_cost_fits_overhead_and_per_row_and_resists_outliers():
     for rows in (1, 4, 8, 16) * 5:
         cost.observe(rows, 0.010 + 0.002 * rows)
     assert cost.overhead == pytest.approx(0.010, rel=1e-6) and cost.per_row == pytest.approx(0.002, rel=1e-6)
-    assert cost.amortised(4, 16) == pytest.approx(4 * (0.010 / 16 + 0.002))
-    cost.observe(16, 100.0)  # one stall: clipped to 3x the prediction before it counts
+    assert cost.conservative(4) == pytest.approx(0.010 + 0.002 * 4)  # no batch ran over its line
+    cost.observe(16, 100.0)  # one stall: clipped to 3x the prediction before it enters the line
     assert cost.seconds(16) < 0.2
     for _ in range(200):  # a slower machine: the fit follows (older batches decay)
         for rows in (1, 16):
@@ -204,11 +204,15 @@ def test_backlog_counts_queued_work_and_running_work_down():
     backlog.admit(1.0)
     backlog.admit(0.5)
     assert backlog.seconds() == pytest.approx(1.5)
-    backlog.start("a", 1.0)  # 1 s of it starts running
-    clock.now = 0.25
+    backlog.withdraw(1.0)  # 1 s of it leaves its queue for the model thread ...
+    backlog.reserve("a", 1.0)
+    clock.now = 0.1  # ... and counts whole until the thread starts it
+    assert backlog.seconds() == pytest.approx(1.5)
+    backlog.start("a")
+    clock.now = 0.35
     assert backlog.seconds() == pytest.approx(1.25)
-    clock.now = 5.0  # overran its prediction: counts as nothing left, not negative
-    assert backlog.seconds() == pytest.approx(0.5)
+    clock.now = 5.0  # overran its prediction: its end is unknown, a quarter of it counts as left
+    assert backlog.seconds() == pytest.approx(0.5 + 0.25)
     backlog.finish("a")
     backlog.withdraw(0.5)
     assert backlog.seconds() == 0
@@ -229,7 +233,7 @@ def test_admission_refuses_at_once_when_the_predicted_wait_is_too_long_whatever_
             max_wait_s=0.0,
             max_queue=1000,
             backlog=backlog,
-            cost=lambda rows: 0.5 * rows,  # half a second of model time per row
+            cost=lambda key, rows: 0.5 * rows,  # a batch: half a second of model time per row
             max_queue_wait_s=2.0,
         )
         b.start()
@@ -287,8 +291,8 @@ def test_tasks_sharing_the_model_thread_share_one_backlog():
     async def scenario():
         backlog = Backlog()
         common = dict(max_batch=4, max_wait_s=0.0, max_queue=100, backlog=backlog, max_queue_wait_s=1.0)
-        busy = MicroBatcher(Recorder(gate=gate), executor, cost=lambda rows: 1.0, **common)
-        other = MicroBatcher(Recorder(), executor, cost=lambda rows: 0.01, **common)
+        busy = MicroBatcher(Recorder(gate=gate), executor, cost=lambda key, rows: 1.0, **common)
+        other = MicroBatcher(Recorder(), executor, cost=lambda key, rows: 0.01, **common)
         busy.start(), other.start()
         jobs = [asyncio.ensure_future(busy.submit("p", i)) for i in range(2)]
         await asyncio.sleep(0.05)

@@ -21,7 +21,8 @@ from PIL import Image
 import app.images as images
 from app.images import PixelBudget, decode_reduced
 from app.main import create_app
-from app.settings import Settings
+from app.settings import CHECKPOINTS, Settings
+from models.demo.paths import VIT_CLASSIFY
 from models.preprocess import ImagePreprocessor
 
 ONLY_CLASSIFY = {"vqa": {"enabled": False}, "retrieval": {"enabled": False}}
@@ -63,7 +64,12 @@ class PeakRSS:
 
 @pytest.fixture(scope="module")
 def client():
-    with TestClient(create_app(Settings(models=ONLY_CLASSIFY))) as c:
+    # About memory, not admission: the small classifier, and no refusals while decoding lags the loop.
+    settings = Settings(
+        models={**ONLY_CLASSIFY, "classify": {"checkpoint": str(CHECKPOINTS / VIT_CLASSIFY)}},
+        batching={"max_event_loop_lag_ms": 10_000},
+    )
+    with TestClient(create_app(settings)) as c:
         wait_ready(c)
         yield c
 
