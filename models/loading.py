@@ -1,8 +1,11 @@
 """Load a supported model: a Hugging Face hub id or local folder, or a named full-size config with
 random weights (`random:<name>`, declared by the families; for speed measurements where no
-checkpoint can be downloaded)."""
+checkpoint can be downloaded). A checkpoint whose config names `tokenlean_weight_sources` gets
+those submodules' weights from their tower sources (models/towers.py)."""
 
 from __future__ import annotations
+
+import re
 
 import transformers
 from torch import nn
@@ -15,6 +18,9 @@ from models.families.registry import (
     random_config_names,
     reducible,
 )
+from models.towers import load_weight_sources, sourced_prefixes, weight_sources
+
+__all__ = ["RANDOM", "load_model", "load_reducible", "sourced_prefixes"]
 
 RANDOM = "random:"
 
@@ -39,7 +45,28 @@ def load_model(name_or_path: str, seed: int = 0) -> nn.Module:
         cls = getattr(transformers, architectures[0], None) or custom_architecture(architectures[0])
     if cls is None:
         raise ValueError(f"{name_or_path}: config names no supported architecture ({architectures})")
-    return cls.from_pretrained(name_or_path, use_safetensors=True).eval()
+    sources = weight_sources(config)
+    if not sources:
+        return cls.from_pretrained(name_or_path, use_safetensors=True).eval()
+    model = _from_pretrained_without(cls, name_or_path, sources)
+    return load_weight_sources(model, sources).eval()
+
+
+def _from_pretrained_without(cls: type, name_or_path: str, prefixes) -> nn.Module:
+    """`cls.from_pretrained` with no "newly initialized" warning for the weights under `prefixes`
+    (they are loaded from their sources next); any other missing weight is still reported.
+    transformers reads the patterns to ignore from the class while building the model, so a
+    subclass carries them for this call and the model gets its own class back afterwards."""
+    patterns = {rf"^{re.escape(p)}\." for p in prefixes}
+    ignore = set(cls._keys_to_ignore_on_load_missing or ()) | patterns
+    quiet = type(
+        cls.__name__, (cls,), {"_keys_to_ignore_on_load_missing": ignore, "__module__": cls.__module__}
+    )
+    quiet.__qualname__ = cls.__qualname__
+    model = quiet.from_pretrained(name_or_path, use_safetensors=True)
+    model.__class__ = cls
+    model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing) - patterns
+    return model
 
 
 def load_reducible(name_or_path: str, seed: int = 0) -> ReducibleModel:

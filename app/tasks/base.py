@@ -84,8 +84,16 @@ class Task(ABC):
         """A result -> the task's response fields (the compression report is added around them)."""
 
     @abstractmethod
-    def warmup_items(self, ctx: DecodeContext) -> list[Any]:
-        """Items to run once per level before the service reports ready."""
+    def warmup_items(self, ctx: DecodeContext, count: int) -> list[Any]:
+        """`count` items with distinct images (see warmup_pixels), run before the service reports
+        ready: once per level, then as full batches that calibrate admission control."""
+
+
+def warmup_pixels(ctx: DecodeContext, count: int) -> list[np.ndarray]:
+    """Distinct seeded-noise images: a batch of copies of one image would be timed too cheap on a
+    model that runs its vision tower once per distinct image."""
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((3, ctx.image_size, ctx.image_size), dtype=np.float32) for _ in range(count)]
 
 
 def check_top_k(top_k: int, limits) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 from pydantic import Field
 
 from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, ScoredLabel, TaskRequest, TopK
-from app.tasks.base import register_task
+from app.tasks.base import register_task, warmup_pixels
 from app.tasks.labels import LabelItem, LabelTask
 
 
@@ -34,8 +33,8 @@ class Classify(LabelTask):
     def serves(self, model) -> bool:
         return not model.takes_text and model.head == "classifier"
 
-    def warmup_items(self, ctx) -> list[LabelItem]:
-        return [LabelItem(np.zeros((3, ctx.image_size, ctx.image_size), dtype=np.float32), 1)]
+    def warmup_items(self, ctx, count) -> list[LabelItem]:
+        return [LabelItem(pixels, 1) for pixels in warmup_pixels(ctx, count)]
 
 
 register_task(Classify())

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from app.errors import InvalidInput
 from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, TaskRequest, Text
-from app.tasks.base import BatchModel, Task, register_task, softmax
+from app.tasks.base import BatchModel, Task, register_task, softmax, warmup_pixels
 
 _FILE = {"type": "string", "format": "binary"}
 
@@ -139,9 +139,9 @@ class Retrieval(Task):
         ]
         return {"ranking": rows}
 
-    def warmup_items(self, ctx) -> list[RetrievalItem]:
-        pixels = np.zeros((1, 3, ctx.image_size, ctx.image_size), dtype=np.float32)
-        return [RetrievalItem(pixels, ("a shape",), ("a shape",), ctx.text_length(["a shape"]))]
+    def warmup_items(self, ctx, count) -> list[RetrievalItem]:
+        texts, length = ("a shape",), ctx.text_length(["a shape"])
+        return [RetrievalItem(pixels[None], texts, texts, length) for pixels in warmup_pixels(ctx, count)]
 
 
 register_task(Retrieval())

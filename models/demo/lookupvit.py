@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from models.demo import data
-from models.demo.paths import CLASSIFY, CLASSIFY_LOOKUPVIT
+from models.demo.paths import LOOKUPVIT_CLASSIFY, VIT_CLASSIFY
 from models.demo.training import (
     ARCH,
     PATCH,
@@ -129,9 +129,9 @@ def train_lookupvit(
 
 
 def train_phase(ctx: Context) -> dict[str, torch.nn.Module]:
-    """Train, then save to out/classify-lookupvit with its timing and the machine's load."""
+    """Train, then save to out/lookupvit-classify with its timing and the machine's load."""
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # other processes share the CPU?
-    vit = ctx.models[CLASSIFY]
+    vit = ctx.models[VIT_CLASSIFY]
     model = ctx.timed("lookupvit", lambda schedule: train_lookupvit(ctx.split, schedule, ctx.seed, vit))
     schedule, seconds = ctx.schedules["lookupvit"], ctx.report["seconds"]["lookupvit"]
     meta = {
@@ -148,14 +148,14 @@ def train_phase(ctx: Context) -> dict[str, torch.nn.Module]:
         "loadavg_at_start": load_at_start,
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
-    save(model, ctx.out / CLASSIFY_LOOKUPVIT, meta=meta)
-    return {CLASSIFY_LOOKUPVIT: model}
+    save(model, ctx.out / LOOKUPVIT_CLASSIFY, meta=meta)
+    return {LOOKUPVIT_CLASSIFY: model}
 
 
 PHASES = (
     Phase(
-        requires=(CLASSIFY,),
-        produces=(CLASSIFY_LOOKUPVIT,),
+        requires=(VIT_CLASSIFY,),
+        produces=(LOOKUPVIT_CLASSIFY,),
         schedules={"lookupvit": SCHEDULE},
         run=train_phase,
     ),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
 from models.demo import data
-from models.demo.paths import CLASSIFY, CLASSIFY_PHASE1
+from models.demo.paths import CLASSIFY_PHASE1, VIT_CLASSIFY
 from models.demo.training import (
     ARCH,
     DROPOUT_FREE,
@@ -93,15 +93,15 @@ def finish(ctx: Context) -> dict[str, torch.nn.Module]:
     vit = ctx.timed(
         "classify_distill", lambda schedule: train_classifier(ctx.split, schedule, ctx.seed, start)
     )
-    save(vit, ctx.out / CLASSIFY, meta={**ctx.report, "task": "classify"})
-    return {CLASSIFY: vit}
+    save(vit, ctx.out / VIT_CLASSIFY, meta={**ctx.report, "task": "classify"})
+    return {VIT_CLASSIFY: vit}
 
 
 PHASES = (
     Phase(requires=(), produces=(CLASSIFY_PHASE1,), schedules={"classify": SCHEDULE}, run=pretrain),
     Phase(
         requires=(CLASSIFY_PHASE1,),
-        produces=(CLASSIFY,),
+        produces=(VIT_CLASSIFY,),
         schedules={"classify_distill": DISTILL_SCHEDULE},
         run=finish,
     ),

@@ -74,7 +74,7 @@ def test_rounds_interleave_every_variant_in_alternating_order():
     assert stats["p95_ms"] >= stats["p50_ms"]
 
 
-@pytest.mark.parametrize("checkpoint", ["vqa", "classify"])
+@pytest.mark.parametrize("checkpoint", ["vqa", "classify", "vilt-vqa", "vit-classify"])
 def test_resolution_baseline_matches_the_default_methods_flops(checkpoint):
     rm = load_reducible(str(ROOT / "models" / "checkpoints" / checkpoint))
     n_text = rm.max_text_tokens
@@ -111,7 +111,7 @@ def quick_run(tmp_path_factory):
     docs.write_text(f"intro\n{report.DOCS_BEGIN}\nold\n{report.DOCS_END}\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cli, "DOCS", docs)  # the default page: a quick run must leave it alone
-        tokenlean(["bench", "--quick", "--only", "classify", "--only", "vqa", "--out", str(out)])
+        tokenlean(["bench", "--quick", "--only", "vit-classify", "--only", "vilt-vqa", "--out", str(out)])
     assert docs.read_text() == f"intro\n{report.DOCS_BEGIN}\nold\n{report.DOCS_END}\n"
     return out, json.loads((out / "bench.json").read_text())
 
@@ -119,13 +119,13 @@ def quick_run(tmp_path_factory):
 def test_quick_run_covers_every_method_level_and_baseline(quick_run):
     out, results = quick_run
     assert results["quick"]
-    assert results["command"] == f"tokenlean bench --quick --only classify --only vqa --out {out}"
+    assert results["command"] == f"tokenlean bench --quick --only vit-classify --only vilt-vqa --out {out}"
     assert {"platform", "cpu_count", "torch_num_threads", "device"} <= set(results["machine"])
     expected = {
-        "classify": {"tome", "tcvit", "evit", "lookupvit", "resolution"},
-        "vqa": {"pumer", "tome", "prune", "resolution"},
+        "vit-classify": {"tome", "tcvit", "evit", "lookupvit", "resolution"},
+        "vilt-vqa": {"pumer", "tome", "prune", "resolution"},
     }
-    assert [s["name"] for s in results["subjects"]] == ["classify", "vqa"]
+    assert [s["name"] for s in results["subjects"]] == ["vit-classify", "vilt-vqa"]
     for subject in results["subjects"]:
         rows = subject["variants"]
         assert rows[0]["method"] == "none" and rows[0]["flops_ratio"] == 1.0

@@ -34,6 +34,9 @@ QUESTIONS = [
     "does the image not contain a red circle?",
 ]
 CAPTIONS = ["a red circle", "a blue rectangle shape", "gray", "a triangle"]
+# The small 64 px checkpoints: every level of every task exports in seconds. The two-stream
+# defaults' export is tested on tiny random models in tests/models/test_two_stream_export.py.
+FOLDERS = {"classify": "vit-classify", "vqa": "vilt-vqa", "retrieval": "vilt-retrieval"}
 # Retrieval captions are short: one question length is enough there.
 LENGTHS = {"classify": None, "vqa": None, "retrieval": [8]}
 
@@ -46,14 +49,16 @@ def exports(tmp_path_factory) -> dict[tuple[str, str], Path]:
         for task in ("classify", "vqa", "retrieval"):
             for fmt in FORMATS:
                 folder = root / f"{task}-{fmt}"
-                export_task(task, CHECKPOINTS / task, folder, fmt, lengths=LENGTHS[task], progress=False)
+                export_task(
+                    task, CHECKPOINTS / FOLDERS[task], folder, fmt, lengths=LENGTHS[task], progress=False
+                )
                 folders[task, fmt] = folder
     return folders
 
 
 @pytest.fixture(scope="module")
 def pipelines():
-    return {task: load_bundle(CHECKPOINTS / task) for task in ("classify", "vqa", "retrieval")}
+    return {task: load_bundle(CHECKPOINTS / FOLDERS[task]) for task in ("classify", "vqa", "retrieval")}
 
 
 def eager_and_graph(pipeline, graphs: GraphSet, level: str, length: int, batch: int):
@@ -167,7 +172,7 @@ def test_bad_manifests_are_refused(exports, tmp_path):
 
 def test_graphs_from_other_weights_or_task_are_refused(exports, pipelines):
     manifest = load_manifest(exports["classify", "onnx"])
-    other = load_bundle(CHECKPOINTS / "classify").model
+    other = load_bundle(CHECKPOINTS / FOLDERS["classify"]).model
     with torch.no_grad():
         next(other.model.parameters()).add_(1e-3)
     with pytest.raises(ManifestError, match="other weights"):
@@ -187,8 +192,8 @@ def test_onnx_runtime_uses_cuda_only_when_there_is_one():
 def test_export_command_writes_a_loadable_folder(tmp_path, capsys):
     with torch.inference_mode(False):
         cli_main(
-            ["export", "--task", "vqa", "--levels", "none,high", "--format", "torchscript"]
-            + ["--text-lengths", "16", "--out", str(tmp_path)]
+            ["export", "--task", "vqa", "--model", str(CHECKPOINTS / FOLDERS["vqa"]), "--levels", "none,high"]
+            + ["--format", "torchscript", "--text-lengths", "16", "--out", str(tmp_path)]
         )
     assert "vqa-high-t16.pt" in capsys.readouterr().out
     graphs = GraphSet(tmp_path, "torchscript")
@@ -202,7 +207,9 @@ def test_export_command_writes_a_loadable_folder(tmp_path, capsys):
 def service_client(backend: str, exports=None) -> TestClient:
     models = {}
     for task in ("classify", "vqa", "retrieval"):
-        models[task] = {"export_dir": str(exports[task, backend])} if exports else {}
+        models[task] = {"checkpoint": str(CHECKPOINTS / FOLDERS[task])}
+        if exports:
+            models[task]["export_dir"] = str(exports[task, backend])
     settings = Settings(backend=backend, models=models, warmup=True)
     return TestClient(create_app(settings))
 
@@ -265,7 +272,7 @@ def test_graph_backend_without_an_export_folder_fails_loudly():
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_lookupvit_levels_export_too(tmp_path, fmt):
-    checkpoint = CHECKPOINTS / "classify-lookupvit"
+    checkpoint = CHECKPOINTS / "lookupvit-classify"
     with torch.inference_mode(False):
         export_task("classify", checkpoint, tmp_path, fmt, levels=("none", "high"), progress=False)
     graphs = GraphSet(tmp_path, fmt)

@@ -366,7 +366,7 @@ def test_classify_endpoint_serves_the_shipped_lookupvit_checkpoint():
         models={
             "vqa": {"enabled": False},
             "retrieval": {"enabled": False},
-            "classify": {"checkpoint": str(CHECKPOINTS / "classify-lookupvit")},
+            "classify": {"checkpoint": str(CHECKPOINTS / "lookupvit-classify")},
         }
     )
     with TestClient(create_app(settings)) as client:

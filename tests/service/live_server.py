@@ -23,7 +23,6 @@ from bench.server import free_port
 READY_TIMEOUT_S = 120
 
 
-
 def command() -> list[str]:
     exe = shutil.which("tokenlean", path=os.path.dirname(sys.executable))
     return [exe] if exe else [sys.executable, "-m", "app.cli"]

