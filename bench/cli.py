@@ -27,6 +27,7 @@ RECORDED = (
     ("--seconds-per-case", "seconds_per_case"),
     ("--accuracy-limit", "accuracy_limit"),
     ("--docs", "docs"),
+    ("--merge", "merge"),
 )
 
 
@@ -72,6 +73,12 @@ def register(subparsers) -> None:
         "one; quick runs leave the docs alone unless this is given)",
     )
     bench.add_argument("--from-json", default=None, help="only redraw tables, plots and docs from this JSON")
+    bench.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: replace these subjects in the results folder's bench.json and keep the "
+        "others (each subject records the run it comes from)",
+    )
     bench.set_defaults(func=partial(bench_command, parser=bench))
 
 
@@ -91,7 +98,10 @@ def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> s
     for flag, attr in RECORDED:
         value = getattr(args, attr)
         if value != parser.get_default(attr):
-            parts += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+            if value is True:
+                parts.append(flag)
+            else:
+                parts += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     return shlex.join(parts)
 
 
@@ -112,6 +122,8 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                 f"--only: unknown subject {', '.join(unknown)}; expected one of {', '.join(SUBJECTS)}"
             )
         quick = args.quick
+        if args.merge and not only:
+            parser.error("--merge: name the subjects to replace with --only")
     docs = Path(args.docs) if args.docs else (None if quick else DOCS)
     if docs is not None:
         try:
@@ -130,7 +142,18 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             "accuracy_limit": args.accuracy_limit,
         }
         settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        if args.merge:
+            previous = out / "bench.json"
+            if not previous.is_file():
+                parser.error(f"--merge: {previous} does not exist")
+            earlier = json.loads(previous.read_text())
+            if bool(earlier.get("quick")) != quick:
+                parser.error("--merge: a quick run and a full run do not merge")
+            if earlier["settings"]["batches"] != list(settings.batches):
+                parser.error(f"--merge: {previous} was measured at batches {earlier['settings']['batches']}")
         results = run(only, settings, args.device, command_line(args, parser)) | {"quick": args.quick}
+        if args.merge:
+            results = report.merged(earlier, results, list(SUBJECTS))
 
     out.mkdir(parents=True, exist_ok=True)
     written = []

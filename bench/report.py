@@ -33,15 +33,55 @@ def quality(row: dict, metric: str | None) -> float | None:
     return row["metrics"][metric] if metric and row.get("metrics") else None
 
 
+RUN_KEYS = ("command", "git", "seconds", "settings")
+
+
+def run_of(report: dict) -> dict:
+    return {k: report[k] for k in RUN_KEYS if k in report}
+
+
+def merged(earlier: dict, latest: dict, order: list[str]) -> dict:
+    """`latest`'s subjects replace `earlier`'s of the same name; each subject keeps the run (command,
+    commit, seconds, settings) it was measured in; subjects follow `order`. Ratios stay within a
+    subject, so they are always measured side by side in one run."""
+
+    def with_runs(report: dict) -> dict[str, dict]:
+        run = run_of(report)
+        return {s["name"]: s if "run" in s else {**s, "run": run} for s in report["subjects"]}
+
+    by_name = with_runs(earlier) | with_runs(latest)
+    return {**latest, "subjects": [by_name[name] for name in order if name in by_name]}
+
+
+def runs(report: dict) -> list[tuple[dict, list[str]]]:
+    """(run, its subjects) in first-appearance order; one entry for a single run."""
+    grouped: dict[str, tuple[dict, list[str]]] = {}
+    for subject in report["subjects"]:
+        run = subject.get("run") or run_of(report)
+        key = f"{run['command']}@{run.get('git', {}).get('commit')}"
+        grouped.setdefault(key, (run, []))[1].append(subject["name"])
+    return list(grouped.values())
+
+
+def _command(run: dict) -> str:
+    return f"`{run['command']}`" + (f" at commit {run['git']['commit'][:10]}" if run.get("git") else "")
+
+
 def header(report: dict) -> str:
     m, v = report["machine"], report["versions"]
     where = m.get("gpu") or m["processor"]
-    return (
+    measured = (
         f"Measured on {where} ({m['platform']}, {m['cpu_count']} CPUs, {m['torch_num_threads']} torch "
         f"threads, device {m['device']}), Python {v['python']}, torch {v['torch']}, transformers "
-        f"{v['transformers']}; {report['seconds']:.0f} s for the whole run. Command: `{report['command']}`"
-        + (f" at commit {report['git']['commit'][:10]}" if report.get("git") else "")
+        f"{v['transformers']}; "
     )
+    grouped = runs(report)
+    if len(grouped) == 1:
+        return measured + f"{report['seconds']:.0f} s for the whole run. Command: {_command(report)}"
+    parts = [
+        f"{', '.join(names)}: {_command(run)}, {run['seconds']:.0f} s for that run" for run, names in grouped
+    ]
+    return measured + f"subjects from {len(grouped)} runs on this machine. " + "; ".join(parts)
 
 
 def subject_table(subject: dict, batches: list[str]) -> str:

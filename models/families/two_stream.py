@@ -40,6 +40,11 @@ from models.two_stream import (
 TEXT_BUCKET = 8
 
 
+def text_weight(text: Tokens) -> torch.Tensor:
+    """Input tokens each text token stands for, 0 for padding: the weights of the text mean pool."""
+    return text.size if text.valid is None else text.size * text.valid.to(text.size.dtype)
+
+
 class VisionTower(VisionTransformer):
     """The vision tower at the two-stream model's input size (DINOv2's own config is for 518 px)."""
 
@@ -245,7 +250,7 @@ class TwoStreamTransformer(ReducibleModel):
         )
         counts = [(input_ids.shape[1], n) for n in vision.trace.image_tokens]
         text, image = self.fuse(text, image, plan, counts)
-        t, i, pooled = self.base.pool(text.x, image.x)
+        t, i, pooled = self.base.pool(text.x, image.x, text_weight(text))
         logits = self.model.head(pooled) if self.head is not None else None
         return ReducedOutput(
             last_hidden_state=torch.cat([t, i], dim=1),

@@ -177,12 +177,21 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         i = self.image_proj(image) + self.modality.weight[IMAGE]
         return t, i
 
-    def pool(self, t: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Final norms, then [text CLS, image CLS] through their poolers: (t, i, (B, 2D))."""
+    def pool(
+        self, t: torch.Tensor, i: torch.Tensor, text_weight: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final norms, then [text mean, image CLS] through their poolers: (t, i, (B, 2D)).
+        text_weight (B, Nt): input tokens each text token stands for, 0 for padding (None: 1 each).
+        The text stream is mean-pooled, as its sentence-embedding tower was trained: its [CLS]
+        barely tells "is there a red shape?" from "... blue shape?", and a head reading it could
+        only answer from the wording."""
         t, i = self.text_norm(t), self.image_norm(i)
-        pooled = torch.cat(
-            [torch.tanh(self.text_pool(t[:, 0])), torch.tanh(self.image_pool(i[:, 0]))], dim=-1
-        )
+        if text_weight is None:
+            text = t.mean(dim=1)
+        else:
+            w = text_weight.to(t.dtype).unsqueeze(-1)
+            text = (t * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-6)
+        pooled = torch.cat([torch.tanh(self.text_pool(text)), torch.tanh(self.image_pool(i[:, 0]))], dim=-1)
         return t, i, pooled
 
     def forward(
@@ -196,19 +205,30 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         text_bias = padding_bias(attention_mask, t.dtype)
         for layer in self.layers:
             t, i = layer(t, i, text_bias, None)
-        t, i, pooled = self.pool(t, i)
+        t, i, pooled = self.pool(t, i, attention_mask)
         return TwoStreamOutput(text_hidden_state=t, image_hidden_state=i, pooler_output=pooled)
 
 
+def with_product(pooled: torch.Tensor) -> torch.Tensor:
+    """[text, image] pooled -> [text, image, text * image]. The elementwise product hands the heads
+    a bilinear text-image interaction (as MLB/MCB pooling in VQA models): METER's heads see only the
+    concatenation and leave every comparison of the two streams to its deep fusion, which two
+    fusion layers trained on a small data set do not learn (on easy-VQA they answered "is there a
+    red shape?" from its wording alone)."""
+    t, i = pooled.chunk(2, dim=-1)
+    return torch.cat([pooled, t * i], dim=-1)
+
+
 class TwoStreamForQuestionAnswering(TwoStreamPreTrainedModel):
-    """Answer classifier on the pooled streams (METER's VQA head)."""
+    """Answer classifier on the pooled streams and their product (METER's VQA head, plus the
+    product: see with_product)."""
 
     def __init__(self, config: TwoStreamConfig):
         super().__init__(config)
         self.two_stream = TwoStreamModel(config)
         d = 2 * config.hidden_size
         self.classifier = nn.Sequential(
-            nn.Linear(d, d),
+            nn.Linear(3 * config.hidden_size, d),
             nn.LayerNorm(d, eps=config.layer_norm_eps),
             nn.GELU(),
             nn.Linear(d, config.num_labels),
@@ -216,7 +236,7 @@ class TwoStreamForQuestionAnswering(TwoStreamPreTrainedModel):
         self.post_init()
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(pooled)
+        return self.classifier(with_product(pooled))
 
     def forward(self, input_ids, pixel_values, attention_mask=None, **kwargs) -> TwoStreamOutput:
         out = self.two_stream(input_ids, pixel_values, attention_mask)
@@ -225,16 +245,16 @@ class TwoStreamForQuestionAnswering(TwoStreamPreTrainedModel):
 
 
 class TwoStreamForImageTextMatching(TwoStreamPreTrainedModel):
-    """One image-text matching logit per pair on the pooled streams."""
+    """One image-text matching logit per pair on the pooled streams and their product."""
 
     def __init__(self, config: TwoStreamConfig):
         super().__init__(config)
         self.two_stream = TwoStreamModel(config)
-        self.rank_output = nn.Linear(2 * config.hidden_size, 1)
+        self.rank_output = nn.Linear(3 * config.hidden_size, 1)
         self.post_init()
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.rank_output(pooled)
+        return self.rank_output(with_product(pooled))
 
     def forward(self, input_ids, pixel_values, attention_mask=None, **kwargs) -> TwoStreamOutput:
         out = self.two_stream(input_ids, pixel_values, attention_mask)

@@ -24,7 +24,7 @@ from models.plan import LEVELS
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
-STUDIES = ("engine_speed", "export_speed", "fidelity", "lookupvit_speed", "serving")
+STUDIES = ("bookkeeping", "engine_speed", "export_speed", "fidelity", "lookupvit_speed", "serving")
 MiB = 2**20
 
 
@@ -185,6 +185,33 @@ def test_committed_results_are_a_full_run_and_match_the_docs():
         assert (RESULTS / name).is_file(), name
 
 
+def test_a_merged_run_replaces_its_subjects_and_names_every_run():
+    committed = json.loads((RESULTS / "bench.json").read_text())
+    first, second = committed["subjects"][0]["name"], committed["subjects"][1]["name"]
+    earlier = {**committed, "command": "tokenlean bench", "git": {"commit": "a" * 40}, "seconds": 100.0}
+    for s in earlier["subjects"]:
+        s.pop("run", None)
+    replaced = {**earlier["subjects"][1], "accuracy_items": 7}
+    latest = {
+        **earlier,
+        "subjects": [replaced],
+        "command": f"tokenlean bench --only {second} --merge",
+        "git": {"commit": "b" * 40},
+        "seconds": 5.0,
+    }
+    result = report.merged(earlier, latest, [s["name"] for s in earlier["subjects"]])
+    assert [s["name"] for s in result["subjects"]] == [s["name"] for s in earlier["subjects"]]
+    assert result["subjects"][1]["accuracy_items"] == 7
+    assert result["subjects"][0]["run"]["git"]["commit"] == "a" * 40
+    assert result["subjects"][1]["run"]["command"] == latest["command"]
+    head = report.header(result)
+    assert "subjects from 2 runs" in head and f"{second}: `{latest['command']}` at commit bbbbbbbbbb" in head
+    assert f"{first}, " in head and "100 s for that run" in head
+    # merging again keeps each subject's own run
+    again = report.merged(result, {**latest, "subjects": [], "seconds": 1.0}, [first, second])
+    assert [s["run"]["seconds"] for s in again["subjects"]] == [100.0, 5.0]
+
+
 def test_redrawing_the_committed_json_rewrites_tables_plots_and_the_docs_block(tmp_path, monkeypatch):
     page = tmp_path / "benchmarks.md"
     text = DOCS.read_text()
@@ -243,6 +270,26 @@ def test_every_study_is_a_module_with_a_main(study, capsys):
         module.main(["--help"])
     assert exited.value.code == 0
     assert f"python -m bench.{study}" in capsys.readouterr().out
+
+
+def test_bookkeeping_clock_sees_both_stages_and_leaves_the_methods_as_they_were():
+    from conftest import build_two_stream, vilt_inputs
+
+    from bench.bookkeeping import clocked
+    from models.reduction.registry import IMAGE, get_method
+
+    rm = reducible(build_two_stream())
+    x = vilt_inputs(batch=2, text_len=12)
+    for plan, reduces in ((NO_REDUCTION, False), (named_plan(rm, "high", "tome"), True)):
+        spent = [0.0]
+        with clocked(spent), torch.inference_mode():
+            rm(x["input_ids"], x["pixel_values"], x["attention_mask"], plan=plan)
+        assert (spent[0] > 0) == reduces
+    assert "reduce" not in vars(get_method("tome", IMAGE))
+    spent = [0.0]
+    with clocked(spent), torch.inference_mode():  # PuMer alone: the fusion's reducer is clocked too
+        rm(x["input_ids"], x["pixel_values"], x["attention_mask"], plan=named_plan(rm, "high", "pumer"))
+    assert spent[0] > 0
 
 
 def test_no_module_of_the_package_edits_sys_path():
