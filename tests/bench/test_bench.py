@@ -74,7 +74,7 @@ def test_rounds_interleave_every_variant_in_alternating_order():
     assert stats["p95_ms"] >= stats["p50_ms"]
 
 
-@pytest.mark.parametrize("checkpoint", ["vqa", "classify", "vilt-vqa", "vit-classify"])
+@pytest.mark.parametrize("checkpoint", ["vqa", "classify", "retrieval", "vit-classify"])
 def test_resolution_baseline_matches_the_default_methods_flops(checkpoint):
     rm = load_reducible(str(ROOT / "models" / "checkpoints" / checkpoint))
     n_text = rm.max_text_tokens
@@ -111,7 +111,7 @@ def quick_run(tmp_path_factory):
     docs.write_text(f"intro\n{report.DOCS_BEGIN}\nold\n{report.DOCS_END}\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cli, "DOCS", docs)  # the default page: a quick run must leave it alone
-        tokenlean(["bench", "--quick", "--only", "vit-classify", "--only", "vilt-vqa", "--out", str(out)])
+        tokenlean(["bench", "--quick", "--only", "vit-classify", "--only", "vqa", "--out", str(out)])
     assert docs.read_text() == f"intro\n{report.DOCS_BEGIN}\nold\n{report.DOCS_END}\n"
     return out, json.loads((out / "bench.json").read_text())
 
@@ -119,13 +119,13 @@ def quick_run(tmp_path_factory):
 def test_quick_run_covers_every_method_level_and_baseline(quick_run):
     out, results = quick_run
     assert results["quick"]
-    assert results["command"] == f"tokenlean bench --quick --only vit-classify --only vilt-vqa --out {out}"
+    assert results["command"] == f"tokenlean bench --quick --only vit-classify --only vqa --out {out}"
     assert {"platform", "cpu_count", "torch_num_threads", "device"} <= set(results["machine"])
     expected = {
         "vit-classify": {"tome", "tcvit", "evit", "lookupvit", "resolution"},
-        "vilt-vqa": {"pumer", "tome", "prune", "resolution"},
+        "vqa": {"pumer", "tome", "prune", "resolution"},
     }
-    assert [s["name"] for s in results["subjects"]] == ["vit-classify", "vilt-vqa"]
+    assert [s["name"] for s in results["subjects"]] == ["vit-classify", "vqa"]
     for subject in results["subjects"]:
         rows = subject["variants"]
         assert rows[0]["method"] == "none" and rows[0]["flops_ratio"] == 1.0
@@ -205,8 +205,8 @@ def test_a_merged_run_replaces_its_subjects_and_names_every_run():
     assert result["subjects"][0]["run"]["git"]["commit"] == "a" * 40
     assert result["subjects"][1]["run"]["command"] == latest["command"]
     head = report.header(result)
-    assert "subjects from 2 runs" in head and f"{second}: `{latest['command']}` at commit bbbbbbbbbb" in head
-    assert f"{first}, " in head and "100 s for that run" in head
+    assert "Subjects from 2 runs" in head and f"{second}: `{latest['command']}` at commit bbbbbbbbbb" in head
+    assert f"{first}, " in head and "100 s, on " in head
     # merging again keeps each subject's own run
     again = report.merged(result, {**latest, "subjects": [], "seconds": 1.0}, [first, second])
     assert [s["run"]["seconds"] for s in again["subjects"]] == [100.0, 5.0]

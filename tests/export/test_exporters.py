@@ -36,7 +36,7 @@ QUESTIONS = [
 CAPTIONS = ["a red circle", "a blue rectangle shape", "gray", "a triangle"]
 # The small 64 px checkpoints: every level of every task exports in seconds. The two-stream
 # defaults' export is tested on tiny random models in tests/models/test_two_stream_export.py.
-FOLDERS = {"classify": "vit-classify", "vqa": "vilt-vqa", "retrieval": "vilt-retrieval"}
+FOLDERS = {"classify": "vit-classify", "vqa": "vqa", "retrieval": "retrieval"}
 # Retrieval captions are short: one question length is enough there.
 LENGTHS = {"classify": None, "vqa": None, "retrieval": [8]}
 

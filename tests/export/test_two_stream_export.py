@@ -26,7 +26,7 @@ def checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("two-stream")
     build_two_stream("two-stream-vqa", "dinov2").save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(CHECKPOINTS / "vilt-vqa" / name, folder / name)
+        shutil.copy(CHECKPOINTS / "vqa" / name, folder / name)
     return folder
 
 
