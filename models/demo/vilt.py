@@ -130,6 +130,23 @@ def negative_facts(shape: str, color: str, rng: random.Random) -> list[tuple[str
     return [(shape, other_color), (other_shape, color), random_pair]
 
 
+def matching_pairs(
+    train: data.Split, ids: np.ndarray, by_facts: dict[tuple[str, str], list[int]], prng: random.Random
+) -> tuple[list[int], list[str], list[float]]:
+    """(images, captions, targets) of one retrieval batch: per image its caption (1), its three
+    negative captions (0) and, when the split has one, an image of a negative fact for its caption (0)."""
+    images, texts, targets = [], [], []
+    for i in ids:
+        facts = train.facts[int(i)]
+        images.append(int(i)), texts.append(data.caption(*facts)), targets.append(1.0)
+        for neg in negative_facts(*facts, prng):  # wrong captions for this image
+            images.append(int(i)), texts.append(data.caption(*neg)), targets.append(0.0)
+        neg = negative_facts(*facts, prng)[prng.randrange(3)]  # a wrong image for this caption
+        if neg in by_facts:
+            images.append(prng.choice(by_facts[neg])), texts.append(data.caption(*facts)), targets.append(0.0)
+    return images, texts, targets
+
+
 def train_retrieval(train: data.Split, vqa, tokenizer, schedule: Schedule, seed: int):
     config = vilt_config(len(tokenizer))
     model = ViltForImageAndTextRetrieval(config)
@@ -145,19 +162,7 @@ def train_retrieval(train: data.Split, vqa, tokenizer, schedule: Schedule, seed:
     distill_step = int(schedule.distill_from * schedule.steps)
 
     def loss_fn(step: int) -> torch.Tensor:
-        images, texts, targets = [], [], []
-        for i in ids[next(stream)]:
-            facts = train.facts[int(i)]
-            images.append(int(i)), texts.append(data.caption(*facts)), targets.append(1.0)
-            for neg in negative_facts(*facts, prng):  # wrong captions for this image
-                images.append(int(i)), texts.append(data.caption(*neg)), targets.append(0.0)
-            neg = negative_facts(*facts, prng)[prng.randrange(3)]  # a wrong image for this caption
-            if neg in by_facts:
-                (
-                    images.append(prng.choice(by_facts[neg])),
-                    texts.append(data.caption(*facts)),
-                    targets.append(0.0),
-                )
+        images, texts, targets = matching_pairs(train, ids[next(stream)], by_facts, prng)
         enc = tokenizer(texts, padding="longest", return_tensors="pt")
         pixels = preprocess.from_uint8(train.images[images])
 
