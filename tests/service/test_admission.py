@@ -49,6 +49,14 @@ class Held:
 # ------------------------------------------------------------------ the cost model
 
 
+def idle_batcher(backlog: Backlog, **kwargs) -> MicroBatcher:
+    """A batcher over a held model, sharing `backlog`; not started, so what is submitted stays
+    queued."""
+    return MicroBatcher(
+        Held([]), ThreadPoolExecutor(1), max_batch=4, max_wait_s=0.0, max_queue=100, backlog=backlog, **kwargs
+    )
+
+
 def test_a_key_predicts_from_its_own_line_once_it_has_enough_batches_and_from_the_pool_before():
     table = CostTable(min_observed=4)
     for rows in (1, 16) * 4:  # the task's pool: 10 ms + 1 ms per row
@@ -86,15 +94,9 @@ def test_the_spread_is_a_high_quantile_of_how_far_batches_ran_over_their_predict
 def test_queued_work_is_priced_as_the_batches_it_will_make():
     async def scenario():
         backlog = Backlog()
-        b = MicroBatcher(
-            Held([]),
-            ThreadPoolExecutor(1),
-            max_batch=4,
-            max_wait_s=0.0,
-            max_queue=100,
-            backlog=backlog,
-            cost=lambda key, rows: (1.0 if key == "a" else 10.0) + rows,  # overhead + per row
-        )  # not started: what is submitted stays queued
+        b = idle_batcher(
+            backlog, cost=lambda key, rows: (1.0 if key == "a" else 10.0) + rows
+        )  # overhead + per row
         jobs = [asyncio.ensure_future(b.submit("a", i, weight=2)) for i in range(3)]
         jobs.append(asyncio.ensure_future(b.submit("b", "x")))
         await asyncio.sleep(0)
@@ -173,15 +175,7 @@ def test_a_request_not_started_within_the_max_wait_is_refused_at_the_head_and_no
 def test_the_time_since_arrival_counts_against_the_max_wait():
     async def scenario():
         backlog = Backlog()
-        b = MicroBatcher(
-            Held([]),
-            ThreadPoolExecutor(1),
-            max_batch=4,
-            max_wait_s=0.0,
-            max_queue=100,
-            backlog=backlog,
-            max_queue_wait_s=2.0,
-        )
+        b = idle_batcher(backlog, max_queue_wait_s=2.0)
         backlog.admit(0.6)  # work ahead
         arrival.set(time.perf_counter() - 1.5)  # its body took 1.5 s to arrive and decode
         with pytest.raises(Overloaded) as late:
@@ -262,16 +256,7 @@ def test_past_the_connection_cap_the_refusal_is_json_with_retry_after_and_closes
 def test_an_early_admission_holds_a_typical_request_cost_until_the_request_is_queued():
     async def scenario():
         backlog = Backlog()
-        b = MicroBatcher(
-            Held([]),
-            ThreadPoolExecutor(1),
-            max_batch=4,
-            max_wait_s=0.0,
-            max_queue=100,
-            backlog=backlog,
-            cost=lambda key, rows: 4.0,  # a full batch: 1 s a row
-            max_queue_wait_s=10.0,
-        )  # not started: what is submitted stays queued
+        b = idle_batcher(backlog, cost=lambda key, rows: 4.0, max_queue_wait_s=10.0)  # 1 s a row
 
         async def request(item, keep: bool):
             held = b.admit_early()  # what the HTTP layer does before reading the body
@@ -297,16 +282,7 @@ def test_an_early_admission_holds_a_typical_request_cost_until_the_request_is_qu
 def test_early_admission_reserves_and_later_checks_count_the_reservation():
     async def scenario():
         backlog = Backlog()
-        b = MicroBatcher(
-            Held([]),
-            ThreadPoolExecutor(1),
-            max_batch=4,
-            max_wait_s=0.0,
-            max_queue=100,
-            backlog=backlog,
-            cost=lambda key, rows: 4.0,
-            max_queue_wait_s=1.5,
-        )
+        b = idle_batcher(backlog, cost=lambda key, rows: 4.0, max_queue_wait_s=1.5)
 
         async def early():
             return b.admit_early()
