@@ -184,25 +184,21 @@ def stub_requests(port: int) -> dict[str, list[bytes]]:
     }
 
 
-def test_open_loop_from_worker_processes_sends_every_scheduled_request_and_records_each_answer():
-    counts: Counter = Counter()
+def against_stub(counts: Counter, **load) -> LoadRun:
+    """`generate(**load)` against a stub server that counts what it answers into `counts`."""
 
     async def main() -> LoadRun:
         server = await stub_server(counts)
         port = server.sockets[0].getsockname()[1]
         async with server:
-            return await generate(
-                "127.0.0.1",
-                port,
-                stub_requests(port),
-                mode="open",
-                rate=240,
-                seconds=1.0,
-                processes=2,
-                seed=3,
-            )
+            return await generate("127.0.0.1", port, stub_requests(port), **load)
 
-    run = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_open_loop_from_worker_processes_sends_every_scheduled_request_and_records_each_answer():
+    counts: Counter = Counter()
+    run = against_stub(counts, mode="open", rate=240, seconds=1.0, processes=2, seed=3)
     # every task alike: each worker's share of each task's arrivals, as the workers scheduled them
     expected: Counter = Counter()
     for k in range(2):
@@ -242,16 +238,7 @@ def test_open_loop_from_worker_processes_sends_every_scheduled_request_and_recor
 
 def test_closed_loop_keeps_its_connections_busy_with_the_tasks_in_turn():
     counts: Counter = Counter()
-
-    async def main() -> LoadRun:
-        server = await stub_server(counts)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            return await generate(
-                "127.0.0.1", port, stub_requests(port), mode="closed", concurrency=3, seconds=0.3, processes=2
-            )
-
-    run = asyncio.run(main())
+    run = against_stub(counts, mode="closed", concurrency=3, seconds=0.3, processes=2)
     per_task = Counter(run.records["task"])
     assert set(per_task) == set(TASKS)
     assert max(per_task.values()) - min(per_task.values()) <= 3  # each connection cycles the tasks
