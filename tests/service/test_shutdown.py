@@ -11,6 +11,8 @@ import httpx
 from conftest import png_bytes
 from live_server import open_request, read_response, start, wait_until
 
+from models.demo.paths import CHECKPOINTS, VIT_CLASSIFY
+
 BATCH = 4
 
 
@@ -25,6 +27,8 @@ def test_sigterm_answers_every_request_in_json_and_exits_0(tmp_path):
         TOKENLEAN_SHUTDOWN_TIMEOUT_S="1",
         TOKENLEAN_MODELS__VQA__ENABLED="false",
         TOKENLEAN_MODELS__RETRIEVAL__ENABLED="false",
+        # The drain, not the model: the small classifier answers its full batches in milliseconds.
+        TOKENLEAN_MODELS__CLASSIFY__CHECKPOINT=str(CHECKPOINTS / VIT_CLASSIFY),
         # A batch runs only when full: the requests after the last full batch stay queued, in
         # flight when the signal comes, however fast this machine is.
         TOKENLEAN_BATCHING__MAX_BATCH_SIZE=str(BATCH),
