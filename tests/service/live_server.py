@@ -97,14 +97,16 @@ def start(tmp: Path, **env: str) -> LiveServer:
     raise AssertionError(f"the server did not become ready:\n{log.read_text()[-4000:]}")
 
 
-def wait_until(check, timeout: float = 60, what: str = "a condition"):
+def wait_until(check, timeout: float = 60, what: str = "a condition", then=None):
+    """Polls `check` until it is truthy; on timeout fails, showing `then()` if given."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = check()
         if result:
             return result
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    seen = f": {then()}" if then else ""
+    raise AssertionError(f"timed out waiting for {what}{seen}")
 
 
 # ------------------------------------------------------------------ raw HTTP
