@@ -10,8 +10,8 @@ size, so a retrieval request with many candidates is treated like a one-row ques
 
 Predictions are conservative on purpose: a batch's time is predicted as the fitted line times a
 high quantile of how far recent batches ran over it, because an admitted request that waits
-longer than predicted is refused when it reaches the head of the queue (a late, slow refusal),
-while one refused too early only costs a retry.
+longer than predicted is still run (it answers past the maximum wait), while one refused too
+early only costs a retry.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from app.backlog import Backlog, CostTable
 from app.batching import MicroBatcher, arrival
 from app.errors import Overloaded
-from app.http_errors import headers_of, status_of
+from app.http_errors import status_of
 from app.main import create_app
 from app.settings import Settings
 
@@ -144,7 +144,9 @@ def test_every_task_waits_behind_all_work_and_the_oldest_request_runs_first():
     assert left == 0
 
 
-def test_a_request_not_started_within_the_max_wait_is_refused_at_the_head_and_not_run():
+def test_an_admitted_request_that_waits_past_the_max_wait_still_runs():
+    """Admission is a prediction: a request admitted on a short one is run late, not refused
+    after seconds of waiting; only its deadline stops it."""
     log: list = []
     model = Held(log, hold_first=True)
 
@@ -159,16 +161,13 @@ def test_a_request_not_started_within_the_max_wait_is_refused_at_the_head_and_no
         await asyncio.sleep(0.2)  # ... but the running batch holds the thread past the max wait
         model.gate.set()
         await first
-        with pytest.raises(Overloaded) as refused:
-            await late
-        after = await b.submit("p", 2)
+        answer, info = await late
         await b.close(1)
-        return refused.value, after[0], b.backlog.seconds()
+        return answer, info, b.backlog.seconds()
 
-    error, after, left = run(scenario())
-    assert status_of(error) == (503, "overloaded") and int(headers_of(error)["Retry-After"]) >= 1
-    assert "maximum queue wait" in error.message and "busy" in error.message
-    assert [item for _, item in log] == [0, 2] and after == "p:2"
+    answer, info, left = run(scenario())
+    assert answer == "p:1" and info.queue_s > 0.05
+    assert [item for _, item in log] == [0, 1]
     assert left == 0
 
 

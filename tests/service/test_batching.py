@@ -290,9 +290,10 @@ def test_tasks_sharing_the_model_thread_share_one_backlog():
 
     async def scenario():
         backlog = Backlog()
-        common = dict(max_batch=4, max_wait_s=0.0, max_queue=100, backlog=backlog, max_queue_wait_s=1.0)
-        busy = MicroBatcher(Recorder(gate=gate), executor, cost=lambda key, rows: 1.0, **common)
-        other = MicroBatcher(Recorder(), executor, cost=lambda key, rows: 0.01, **common)
+        common = dict(max_wait_s=0.0, max_queue=100, backlog=backlog, max_queue_wait_s=1.0)
+        # two batches of 1 s each: one running, one queued
+        busy = MicroBatcher(Recorder(gate=gate), executor, max_batch=1, cost=lambda key, rows: 1.0, **common)
+        other = MicroBatcher(Recorder(), executor, max_batch=4, cost=lambda key, rows: 0.01, **common)
         busy.start(), other.start()
         jobs = [asyncio.ensure_future(busy.submit("p", i)) for i in range(2)]
         await asyncio.sleep(0.05)
