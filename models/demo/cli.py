@@ -41,7 +41,9 @@ def register(subparsers) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--scale", type=float, default=1.0, help="fraction of the training steps (smoke runs)")
     train.add_argument(
-        "--only", choices=("lookupvit",), default=None, help="train only this checkpoint (needs out/classify)"
+        "--only",
+        default=None,
+        help="run one model family's recipe alone: lookupvit (needs out/classify) or two-stream",
     )
     train.set_defaults(func=train_demo_command)
 

@@ -15,7 +15,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -92,11 +92,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def train_mode(model: torch.nn.Module) -> None:
+    """model.train(), except for its frozen parts (pretrained towers): those stay in eval mode,
+    without dropout (all-MiniLM-L6-v2 has 0.1), as they run when served."""
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
 def optimise(
-    model: torch.nn.Module, schedule: Schedule, loss_fn: Callable[[int], torch.Tensor], desc: str
+    model: torch.nn.Module,
+    schedule: Schedule,
+    loss_fn: Callable[[int], torch.Tensor],
+    desc: str,
+    lr_scales: Sequence[tuple[torch.nn.Module, float]] = (),
 ) -> list[float]:
-    """AdamW with linear warm-up and cosine decay; loss_fn(step) returns the loss of one batch."""
-    opt = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=0.01)
+    """AdamW with linear warm-up and cosine decay; loss_fn(step) returns the loss of one batch.
+    lr_scales: (part of the model, factor) pairs, whose parameters learn at factor x the rate."""
+    scaled = {id(p): factor for part, factor in lr_scales for p in part.parameters()}
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault(scaled.get(id(p), 1.0), []).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": ps, "lr": schedule.lr * factor} for factor, ps in groups.items()],
+        lr=schedule.lr,
+        weight_decay=0.01,
+    )
     warmup = max(1, schedule.steps // 20)
 
     def lr_at(step: int) -> float:
@@ -105,7 +129,7 @@ def optimise(
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, schedule.steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    model.train()
+    train_mode(model)
     losses = []
     bar = tqdm(range(schedule.steps), desc=desc)
     for step in bar:

@@ -1,0 +1,64 @@
+"""Pieces of the demo training recipes that decide what a model learns."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+from conftest import build_two_stream, vilt_inputs
+from torch import nn
+
+from models.demo.training import Schedule, optimise, train_mode
+from models.demo.two_stream import balanced_batches, question_form, start_as_identity
+
+
+def test_frozen_towers_train_without_dropout():
+    tower = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    model = nn.Sequential(tower, nn.Linear(4, 4), nn.Dropout(0.1))
+    model.eval()
+    train_mode(model)
+    assert not tower.training and not tower[1].training
+    assert model.training and model[1].training and model[2].training
+
+
+def test_question_forms_tell_what_the_wording_gives_away():
+    assert question_form("what color is the shape?", "red") == ("open", "color")
+    assert question_form("what is the blue shape?", "circle") == ("open", "shape")
+    assert question_form("is there a red shape?", "no") == ("yes/no", "color", False, "no")
+    assert question_form("is there not a circle in the image?", "yes") == ("yes/no", "shape", True, "yes")
+    assert question_form("does the image not contain a triangle?", "no") == ("yes/no", "shape", True, "no")
+
+
+def test_balanced_batches_draw_every_form_alike():
+    # a raw mix where "no" outnumbers "yes" nine to one
+    forms = [("yes/no", "color", False, "no")] * 900 + [("yes/no", "color", False, "yes")] * 100
+    stream = balanced_batches(forms, 100, np.random.default_rng(0))
+    drawn = Counter(forms[i][3] for _ in range(20) for i in next(stream))
+    assert 0.45 < drawn["yes"] / 2000 < 0.55
+
+
+@torch.inference_mode(False)
+def test_lr_scales_slow_down_the_parts_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(16, 4)
+    optimise(model, Schedule(5, 16, 1e-2), lambda step: model(x).pow(2).mean(), "t", [(model[0], 0.0)])
+    after = list(model.parameters())
+    assert all(torch.equal(b, a) for b, a in zip(before[:2], after[:2], strict=True))  # frozen by scale 0
+    assert not any(torch.equal(b, a) for b, a in zip(before[2:], after[2:], strict=True))
+
+
+def test_fusion_layers_that_start_as_identity_pass_the_towers_outputs_through():
+    model = build_two_stream("two-stream-vqa")
+    start_as_identity(model)
+    inputs = vilt_inputs()
+    base = model.two_stream
+    text = base.text_tokens(inputs["input_ids"], inputs["attention_mask"])
+    t, i = base.enter(text, base.vision_tokens(inputs["pixel_values"]))
+    out = base(**inputs)
+    assert torch.allclose(out.text_hidden_state, base.text_norm(t), atol=1e-6)
+    assert torch.allclose(out.image_hidden_state, base.image_norm(i), atol=1e-6)
