@@ -233,10 +233,10 @@ class MicroBatcher:
     ):
         """cost(key, rows): predicted seconds of one batch of that many rows under that key;
         max_queue_wait_s: the longest a request may wait for its batch to start, from its
-        arrival (predicted at admission, checked again at the head of the queue); deadline_s:
-        the default time from arrival after which a request is not started (504); max_loop_lag_s:
-        while the event loop runs further behind than this, admit_early refuses (it is the HTTP
-        work of admitted requests that delays every answer, refusals included)."""
+        arrival, as predicted at admission (an admitted request is run even if it waits longer);
+        deadline_s: the default time from arrival after which a request is not started (504);
+        max_loop_lag_s: while the event loop runs further behind than this, admit_early refuses
+        (it is the HTTP work of admitted requests that delays every answer, refusals included)."""
         self._run, self._executor = run, executor
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self._on_batch, self._on_depth = on_batch, on_depth
