@@ -12,8 +12,10 @@ from models.demo.paths import CHECKPOINTS, DEMO_CHECKPOINTS
 
 def train_demo_command(args: argparse.Namespace) -> None:
     """Train the three demo checkpoints from scratch on easy-VQA."""
-    from models.demo.train import train_demo
+    from models.demo.train import recipes, train_demo
 
+    if args.only is not None and args.only not in recipes():
+        raise SystemExit(f"tokenlean train-demo: --only takes one of {sorted(recipes())}, got {args.only!r}")
     report = train_demo(Path(args.out), seed=args.seed, scale=args.scale, only=args.only)
     print(json.dumps(report["seconds"], indent=2))
 

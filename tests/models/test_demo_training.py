@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 from conftest import build_two_stream, vilt_inputs
 from torch import nn
@@ -62,3 +63,12 @@ def test_fusion_layers_that_start_as_identity_pass_the_towers_outputs_through():
     out = base(**inputs)
     assert torch.allclose(out.text_hidden_state, base.text_norm(t), atol=1e-6)
     assert torch.allclose(out.image_hidden_state, base.image_norm(i), atol=1e-6)
+
+
+def test_train_demo_only_names_a_family_with_a_recipe(tmp_path):
+    from app.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["train-demo", "--only", "nope", "--out", str(tmp_path)])
+    assert "two-stream" in str(refused.value) and "'nope'" in str(refused.value)
+    assert not any(tmp_path.iterdir())
