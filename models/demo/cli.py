@@ -14,8 +14,9 @@ def train_demo_command(args: argparse.Namespace) -> None:
     """Train the three demo checkpoints from scratch on easy-VQA."""
     from models.demo.train import recipes, train_demo
 
-    if args.only is not None and args.only not in recipes():
-        raise SystemExit(f"tokenlean train-demo: --only takes one of {sorted(recipes())}, got {args.only!r}")
+    known = recipes()
+    if args.only is not None and args.only not in known:
+        raise SystemExit(f"tokenlean train-demo: --only takes one of {sorted(known)}, got {args.only!r}")
     report = train_demo(Path(args.out), seed=args.seed, scale=args.scale, only=args.only)
     print(json.dumps(report["seconds"], indent=2))
 
@@ -45,7 +46,7 @@ def register(subparsers) -> None:
     train.add_argument(
         "--only",
         default=None,
-        help="run one model family's recipe alone: lookupvit (needs out/classify) or two-stream",
+        help="run one model family's recipe alone, e.g. two-stream, or lookupvit (starts from out/classify)",
     )
     train.set_defaults(func=train_demo_command)
 
