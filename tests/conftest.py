@@ -184,6 +184,20 @@ def wait_ready(client) -> None:
     assert status == "ready", f"service did not become ready: {status}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _admission_limits_lifted():
+    """Every service a test starts (in process or as a subprocess) admits whatever it is sent.
+
+    The default limits refuse requests while the event loop runs 30 ms late, which a busy CI
+    machine reaches while a model loads; tests of answers would then see 503s. Admission is
+    tested where it is the subject, with limits those tests set themselves.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOKENLEAN_BATCHING__MAX_EVENT_LOOP_LAG_MS", "600000")
+        mp.setenv("TOKENLEAN_BATCHING__MAX_QUEUE_WAIT_MS", "600000")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.inference_mode():
