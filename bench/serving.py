@@ -31,7 +31,7 @@ from bench.measure import module_command
 from bench.server import free_port, start_server
 from models.bundle import ModelBundle, load_bundle
 from models.demo import data
-from models.demo.paths import CHECKPOINTS, VQA
+from models.demo.paths import CHECKPOINTS, TWO_STREAM_VQA
 from models.levels import resolve
 
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     proc = start_server(port)
     base = f"http://127.0.0.1:{port}"
     try:
-        bundle = load_bundle(CHECKPOINTS / VQA)
+        bundle = load_bundle(CHECKPOINTS / TWO_STREAM_VQA)
         http_run(base, items[:20], args.level, 1)  # warm-up, both paths
         direct_latencies(bundle, items[:20], args.level)
         direct = direct_latencies(bundle, items, args.level)

@@ -19,6 +19,8 @@ from models.demo.paths import (
     CLASSIFY,
     LOOKUPVIT_CLASSIFY,
     RETRIEVAL,
+    TWO_STREAM_RETRIEVAL,
+    TWO_STREAM_VQA,
     VIT_CLASSIFY,
     VQA,
 )
@@ -29,12 +31,15 @@ from models.loading import load_model
 from models.plan import LEVELS
 
 # Demo subject -> (its task, its checkpoint folder, further models it holds: slot -> folder). The
-# defaults (ViLT VQA and retrieval at 64 px, the pretrained DINOv2-S classifier at 224 px) first;
-# then the small ViT classifier, whose subject also holds the LookupViT classifier.
+# defaults (two-stream VQA and retrieval on DINOv2-S + MiniLM-L6, the DINOv2-S classifier, all at
+# 224 px) first; then the small ViLT models (64 px) and the small ViT classifier, whose subject
+# also holds the LookupViT classifier.
 DEMO = {
+    "two-stream-vqa": ("vqa", TWO_STREAM_VQA, {}),
+    "two-stream-retrieval": ("retrieval", TWO_STREAM_RETRIEVAL, {}),
+    "classify": ("classify", CLASSIFY, {}),
     "vqa": ("vqa", VQA, {}),
     "retrieval": ("retrieval", RETRIEVAL, {}),
-    "classify": ("classify", CLASSIFY, {}),
     "vit-classify": ("classify", VIT_CLASSIFY, {"lookupvit": LOOKUPVIT_CLASSIFY}),
 }
 # Full-size subject -> (the task its architecture serves, the random-weight config).

@@ -269,9 +269,12 @@ def load_weight_sources(model: nn.Module, sources: Mapping[str, str] | None = No
     return model
 
 
-def save_pretrained_without_sources(model, out: str | Path, sources: Mapping[str, str] | None = None) -> Path:
+def save_pretrained_without_sources(
+    model, out: str | Path, sources: Mapping[str, str] | None = None, stored_dtype: torch.dtype | None = None
+) -> Path:
     """`save_pretrained` (safetensors) without the weights of the sourced submodules. `sources`,
-    when given, is recorded in the model's config first (and so in the saved config.json)."""
+    when given, is recorded in the model's config first (and so in the saved config.json).
+    `stored_dtype` stores floating-point weights in that type (the model loads in its own)."""
     given = sources is not None
     sources = _checked(sources) if given else weight_sources(model.config)
     for prefix in sources:
@@ -279,6 +282,8 @@ def save_pretrained_without_sources(model, out: str | Path, sources: Mapping[str
     if given:
         setattr(model.config, CONFIG_KEY, sources)
     state = {k: v for k, v in model.state_dict().items() if not is_sourced(k, sources)}
+    if stored_dtype is not None:
+        state = {k: v.to(stored_dtype) if v.is_floating_point() else v for k, v in state.items()}
     out = Path(out)
     model.save_pretrained(out, state_dict=state)
     return out

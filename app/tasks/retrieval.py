@@ -86,7 +86,7 @@ class Retrieval(Task):
     response = RetrievalResponse
     file_fields = ("image", "images")
     list_fields = ("texts", "images")
-    demo_checkpoint = "retrieval"
+    demo_checkpoint = "two-stream-retrieval"
     json_example = {"image": PNG_EXAMPLE, "texts": ["a red circle", "a blue triangle"], "compression": "low"}
     form_fields = {
         "texts": {"type": "array", "items": {"type": "string"}},

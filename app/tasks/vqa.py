@@ -31,7 +31,7 @@ class VQA(LabelTask):
     response = VQAResponse
     keys = ("answer", "answers")
     asks = True
-    demo_checkpoint = "vqa"
+    demo_checkpoint = "two-stream-vqa"
     json_example = {"image": PNG_EXAMPLE, "question": "what color is the shape?", "compression": "medium"}
     form_fields = {"question": {"type": "string"}, "top_k": {"type": "integer"}}
 

@@ -7,20 +7,21 @@ from pathlib import Path
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 # Checkpoint folders under CHECKPOINTS (and under train-demo's --out), as the recipes produce them.
-# The defaults, one per task: small ViLT models trained from scratch at 64 px (models.demo.vilt),
-# and the pretrained DINOv2-S/14 with a trained head (models.demo.two_stream).
-VQA = "vqa"
-RETRIEVAL = "retrieval"
-CLASSIFY = "classify"
-# Selectable by setting: the small ViT classifier (64 px) and the LookupViT trained from it.
-VIT_CLASSIFY = "vit-classify"
-LOOKUPVIT_CLASSIFY = "lookupvit-classify"
-DEFAULTS = (VQA, RETRIEVAL, CLASSIFY)
-DEMO_CHECKPOINTS = (*DEFAULTS, VIT_CLASSIFY, LOOKUPVIT_CLASSIFY)  # shipped; `tokenlean eval`'s order
-# Trained by `tokenlean train-demo --only two-stream` but not shipped: the two-stream VQA and
-# image-text matching models on DINOv2-S + MiniLM-L6 (docs/demo-models.md says why).
+# The defaults, one per task: two-stream VQA and image-text matching (retrieval) models on the
+# pretrained DINOv2-S/14 and all-MiniLM-L6-v2 towers at 224 px, and the DINOv2-S/14 tower with a
+# trained head for classification (all from models.demo.two_stream).
 TWO_STREAM_VQA = "two-stream-vqa"
 TWO_STREAM_RETRIEVAL = "two-stream-retrieval"
+CLASSIFY = "classify"
+DEFAULTS = (TWO_STREAM_VQA, TWO_STREAM_RETRIEVAL, CLASSIFY)
+# Selectable by setting: small ViLT models trained from scratch at 64 px (models.demo.vilt), the
+# small ViT classifier (64 px) and the LookupViT trained from it.
+VQA = "vqa"
+RETRIEVAL = "retrieval"
+VIT_CLASSIFY = "vit-classify"
+LOOKUPVIT_CLASSIFY = "lookupvit-classify"
+# Every shipped checkpoint, in `tokenlean eval`'s order.
+DEMO_CHECKPOINTS = (*DEFAULTS, VQA, RETRIEVAL, VIT_CLASSIFY, LOOKUPVIT_CLASSIFY)
 
 # Not saved: the ViT classifier after its first phase, which initialises ViLT.
 CLASSIFY_PHASE1 = "classify-phase1"

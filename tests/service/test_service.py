@@ -82,7 +82,7 @@ def test_vqa_answers_with_a_full_report(client, form):
     assert body["compression"] == {
         "requested": "medium",
         "level": "medium",
-        "method": "pumer",
+        "method": "evit",  # the two-stream default: EViT in the vision tower, PuMer in the fusion
         "plan": body["compression"]["plan"],
     }
     tokens = body["tokens"]
@@ -142,7 +142,8 @@ def test_models_health_and_openapi(client):
     models = {m["task"]: m for m in client.get("/v1/models").json()["models"]}
     assert set(models) == {"vqa", "retrieval", "classify"}
     vqa = models["vqa"]
-    assert vqa["default_method"] == "pumer" and vqa["levels"]["none"]["flops_saved"] == 0
+    assert vqa["family"] == "two-stream" and vqa["default_method"] == "evit"
+    assert vqa["levels"]["none"]["flops_saved"] == 0
     assert vqa["levels"]["high"]["flops"] < vqa["levels"]["medium"]["flops"] < vqa["levels"]["none"]["flops"]
     assert client.get("/healthz").json() == {"status": "ok"}
     spec = client.get("/openapi.json").json()

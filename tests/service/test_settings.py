@@ -20,7 +20,7 @@ def test_every_task_has_settings_and_unnamed_ones_keep_the_demo_checkpoint(monke
     settings = Settings()
     assert list(settings.models) == ["vqa", "retrieval", "classify"]
     assert settings.models["vqa"].checkpoint == "some/hub-id"
-    assert settings.models["retrieval"].checkpoint == str(CHECKPOINTS / "retrieval")
+    assert settings.models["retrieval"].checkpoint == str(CHECKPOINTS / "two-stream-retrieval")
     assert list(settings.enabled()) == ["vqa", "retrieval"]
 
 
