@@ -36,9 +36,11 @@ from models.levels import resolve
 
 
 def requests_from_test_split(n: int) -> list[tuple[bytes, str]]:
+    """One question for each of the first n test images: requests never share an image, which a
+    two-stream model would run through its vision tower once for a whole batch."""
     split = data.load_split("test")
     out = []
-    for i in range(n):
+    for i in np.unique(split.question_image, return_index=True)[1][:n]:
         buf = io.BytesIO()
         Image.fromarray(split.images[split.question_image[i]]).save(buf, "PNG")
         out.append((buf.getvalue(), split.questions[i]))
