@@ -70,11 +70,11 @@ def clocked(spent: list[float]):
 CASES = ((TWO_STREAM_VQA, "evit"), (TWO_STREAM_VQA, "tome"), (CLASSIFY, "tome"), (CLASSIFY, "evit"))
 
 
-def measure_case(model: str, method: str, rounds: int) -> dict:
-    """Median forward and bookkeeping time per level at batch 1, levels interleaved round by round."""
+def measure_case(model: str, method: str, rounds: int, split: data.Split) -> dict:
+    """Median forward and bookkeeping time per level at batch 1 on the split's first item, levels
+    interleaved round by round."""
     bundle = load_bundle(model)
     rm = bundle.model
-    split = data.load_split("test")
     pixels = bundle.preprocess.from_uint8(split.images[:1])
     x = bundle.inputs(pixels, [split.questions[0]] if rm.takes_text else None)
     plans = {level: named_plan(rm, level, method) for level in LEVELS}
@@ -123,11 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("bench/results/bookkeeping.json"))
     args = parser.parse_args(argv)
-    cases = []
+    cases, split = [], data.load_split("test")
     for model, method in args.case or CASES:
         folder = CHECKPOINTS / model
         source = f"models/checkpoints/{model}" if folder.is_dir() else model
-        result = measure_case(str(folder) if folder.is_dir() else model, method, args.rounds)
+        result = measure_case(str(folder) if folder.is_dir() else model, method, args.rounds, split)
         cases.append({"model": source, "method": method, **result})
         for level, row in result["levels"].items():
             print(

