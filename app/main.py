@@ -21,6 +21,7 @@ from app.service import TaskService, inference_thread
 from app.settings import Settings
 from app.shutdown import Drain, ShutdownGuard
 from app.tasks.base import tasks
+from app.v2.routes import install as install_v2
 from models.reduction.registry import method_names
 
 log = logging.getLogger("tokenlean")
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None, factory: ServiceFactory = defau
     app.add_middleware(ShutdownGuard, drain=app.state.drain)  # the outermost: added last
     app.include_router(ops)
     app.include_router(v1_router(settings.limits))
+    install_v2(app)  # the Open Inference Protocol v2: /v2, /v2/health/..., /v2/models/...
     app.openapi = lambda: openapi(app)
     return app
 

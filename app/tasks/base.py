@@ -4,7 +4,8 @@ function from a batch to logits: it never touches tensors, HTTP or a particular 
 
 Adding a task: one module under app/tasks/ that subclasses Task and calls `register_task(...)`,
 imported by app/tasks/__init__.py; the route, its OpenAPI entry, its settings and its metrics
-follow from the registry.
+follow from the registry. Its Open Inference Protocol v2 model (app/v2/) follows from
+`v2_inputs`, `v2_outputs` and `v2_tensors`: a task without them is served on /v1 only.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ class DecodeContext:
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a task's Open Inference Protocol v2 model (app/v2/). An input is the request
+    field of the same name: an image field (`Task.file_fields`) holds encoded image files, any other
+    BYTES input UTF-8 text; shape (1,) is a single value, (-1,) a list (`Task.list_fields`). The
+    request's other fields (compression, method, top_k ...) come in the request's parameters."""
+
+    name: str
+    datatype: str  # "BYTES", "INT64", "FP64" ...
+    shape: tuple[int, ...]  # -1: any length
+    optional: bool = False  # inputs: may be left out (the request model says which combinations hold)
+
+
+@dataclass(frozen=True)
 class BatchModel:
     """The model as a task runs it: one plan, fixed for the batch."""
 
@@ -58,6 +72,9 @@ class Task(ABC):
     json_example: ClassVar[dict]
     form_fields: ClassVar[dict[str, dict]]  # multipart fields besides the compression ones (OpenAPI)
     demo_checkpoint: ClassVar[str]  # folder under models/checkpoints/ served by default
+    # The Open Inference Protocol v2 model of this task (app/v2/); empty: not served on /v2.
+    v2_inputs: ClassVar[tuple[TensorSpec, ...]] = ()
+    v2_outputs: ClassVar[tuple[TensorSpec, ...]] = ()
 
     @abstractmethod
     def serves(self, model: ModelTraits) -> bool:
@@ -82,6 +99,11 @@ class Task(ABC):
     @abstractmethod
     def encode(self, body: BaseModel, result: Any) -> dict:
         """A result -> the task's response fields (the compression report is added around them)."""
+
+    def v2_tensors(self, fields: dict) -> dict[str, list]:
+        """The response fields `encode` returned -> the elements of each of `v2_outputs`, flat (an
+        output this response has no value for is left out)."""
+        raise NotImplementedError(f"{self.name}: no Open Inference Protocol v2 outputs")
 
     @abstractmethod
     def warmup_items(self, ctx: DecodeContext, count: int) -> list[Any]:

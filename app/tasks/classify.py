@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, ScoredLabel, TaskRequest, TopK
-from app.tasks.base import register_task, warmup_pixels
+from app.tasks.base import TensorSpec, register_task, warmup_pixels
 from app.tasks.labels import LabelItem, LabelTask
 
 
@@ -29,6 +29,12 @@ class Classify(LabelTask):
     demo_checkpoint = "classify"
     json_example = {"image": PNG_EXAMPLE, "compression": 0.3}
     form_fields = {"top_k": {"type": "integer"}}
+    v2_inputs = (TensorSpec("image", "BYTES", (1,)),)
+    v2_outputs = (
+        TensorSpec("label", "BYTES", (1,)),
+        TensorSpec("labels", "BYTES", (-1,)),
+        TensorSpec("scores", "FP64", (-1,)),
+    )
 
     def serves(self, model) -> bool:
         return not model.takes_text and model.head == "classifier"

@@ -48,3 +48,13 @@ class LabelTask(Task):
     def encode(self, body: BaseModel, result) -> dict:
         best, scored = self.keys
         return {best: result[0].label, scored: [{"label": a.label, "score": a.score} for a in result]}
+
+    def v2_tensors(self, fields: dict) -> dict[str, list]:
+        """The best label, the top-k labels and their scores (`v2_outputs`: keys + "scores")."""
+        best, scored = self.keys
+        rows = fields[scored]
+        return {
+            best: [fields[best]],
+            scored: [r["label"] for r in rows],
+            "scores": [r["score"] for r in rows],
+        }

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from app.errors import InvalidInput
 from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, TaskRequest, Text
-from app.tasks.base import BatchModel, Task, register_task, softmax, warmup_pixels
+from app.tasks.base import BatchModel, Task, TensorSpec, register_task, softmax, warmup_pixels
 
 _FILE = {"type": "string", "format": "binary"}
 
@@ -93,6 +93,20 @@ class Retrieval(Task):
         "text": {"type": "string"},
         "images": {"type": "array", "items": _FILE},
     }
+    # either image + texts or text + images, as on /v1; outputs best first: candidate indices,
+    # their scores and probabilities, and the texts when texts were ranked
+    v2_inputs = (
+        TensorSpec("image", "BYTES", (1,), optional=True),
+        TensorSpec("texts", "BYTES", (-1,), optional=True),
+        TensorSpec("text", "BYTES", (1,), optional=True),
+        TensorSpec("images", "BYTES", (-1,), optional=True),
+    )
+    v2_outputs = (
+        TensorSpec("ranking", "INT64", (-1,)),
+        TensorSpec("scores", "FP64", (-1,)),
+        TensorSpec("probabilities", "FP64", (-1,)),
+        TensorSpec("texts", "BYTES", (-1,)),
+    )
 
     def serves(self, model) -> bool:
         return model.takes_text and model.head == "matching"
@@ -138,6 +152,17 @@ class Retrieval(Task):
             for r in result
         ]
         return {"ranking": rows}
+
+    def v2_tensors(self, fields: dict) -> dict[str, list]:
+        rows = fields["ranking"]
+        tensors = {
+            "ranking": [r["index"] for r in rows],
+            "scores": [r["score"] for r in rows],
+            "probabilities": [r["probability"] for r in rows],
+        }
+        if rows and rows[0]["text"] is not None:
+            tensors["texts"] = [r["text"] for r in rows]
+        return tensors
 
     def warmup_items(self, ctx, count) -> list[RetrievalItem]:
         texts, length = ("a shape",), ctx.text_length(["a shape"])

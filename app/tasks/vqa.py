@@ -6,7 +6,7 @@ import numpy as np
 from pydantic import Field
 
 from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, ScoredLabel, TaskRequest, Text, TopK
-from app.tasks.base import BatchModel, register_task, sigmoid, softmax, warmup_pixels
+from app.tasks.base import BatchModel, TensorSpec, register_task, sigmoid, softmax, warmup_pixels
 from app.tasks.labels import LabelItem, LabelTask
 
 
@@ -34,6 +34,12 @@ class VQA(LabelTask):
     demo_checkpoint = "two-stream-vqa"
     json_example = {"image": PNG_EXAMPLE, "question": "what color is the shape?", "compression": "medium"}
     form_fields = {"question": {"type": "string"}, "top_k": {"type": "integer"}}
+    v2_inputs = (TensorSpec("image", "BYTES", (1,)), TensorSpec("question", "BYTES", (1,)))
+    v2_outputs = (
+        TensorSpec("answer", "BYTES", (1,)),
+        TensorSpec("answers", "BYTES", (-1,)),
+        TensorSpec("scores", "FP64", (-1,)),
+    )
 
     def serves(self, model) -> bool:
         return model.takes_text and model.head == "classifier"
