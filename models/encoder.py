@@ -43,7 +43,9 @@ class Tokens:
     size (B, N): input tokens each token stands for. source (B, N, N0) or None: which input
     tokens each token covers. valid (B, N) bool or None: False marks padding. The first n_text
     tokens are text (ViLT); the rest are image tokens. unit_size: no token was merged yet, so
-    proportional attention has nothing to add.
+    proportional attention has nothing to add. query (B, layers, D) or None: a per-layer query
+    from outside the stream (a two-stream model's question, in this encoder's width) that a
+    text-informed reducer scores tokens by.
     """
 
     x: torch.Tensor
@@ -52,6 +54,7 @@ class Tokens:
     valid: torch.Tensor | None = None
     n_text: int = 0
     unit_size: bool = True
+    query: torch.Tensor | None = None
 
     @property
     def n_image(self) -> int:
@@ -73,10 +76,13 @@ def initial_tokens(
 
 
 class AttentionView:
-    """What a reducer may read from this layer's attention: head-averaged keys and probabilities."""
+    """What a reducer may read from layer `layer`'s attention: head-averaged keys and probabilities."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float):
+    def __init__(
+        self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float, layer: int = 0
+    ):
         self._q, self._k, self._bias, self._scale = q, k, bias, scale
+        self.layer = layer
 
     def metric(self) -> torch.Tensor:
         """Keys averaged over heads, (B, N, head_dim): ToMe's similarity metric."""
@@ -84,6 +90,13 @@ class AttentionView:
 
     def probs(self, rows: slice) -> torch.Tensor:
         return attention_probs(self._q, self._k, self._bias, self._scale, rows)
+
+    def query_probs(self, query: torch.Tensor) -> torch.Tensor:
+        """Head-averaged attention of an outside query (B, D), split into this layer's heads, to
+        every token: (B, N)."""
+        b, heads, _, head_dim = self._k.shape
+        q = query.to(self._k.dtype).view(b, heads, 1, head_dim)
+        return attention_probs(q, self._k, self._bias, self._scale, slice(None))[:, 0]
 
 
 Reducer = Callable[[LayerSpec, Tokens, AttentionView, ReductionPlan], Tokens]
@@ -115,7 +128,7 @@ def run_encoder(
 
         spec = plan.spec(i)
         if not spec.is_identity:
-            tokens = reducer(spec, tokens, AttentionView(q, k, bias, scale), plan)
+            tokens = reducer(spec, tokens, AttentionView(q, k, bias, scale, i), plan)
 
         x = tokens.x
         mlp = block.mlp(block.norm2(x))

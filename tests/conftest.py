@@ -107,7 +107,8 @@ TWO_STREAM_KINDS = ["two-stream", "two-stream-vqa", "two-stream-retrieval"]
 TWO_STREAM_TOWERS = ["dinov2", "vit", "clip-vision"]
 
 
-def two_stream_config(tower: str = "dinov2", fusion_layers: int = 2):
+def two_stream_config(tower: str = "dinov2", fusion_layers: int = 2, text_query_layers=(1, 2, 3)):
+    """text_query_layers: tower layers with a question query (the `text-evit` method needs them)."""
     from models.two_stream import TwoStreamConfig
 
     vision = {
@@ -128,10 +129,13 @@ def two_stream_config(tower: str = "dinov2", fusion_layers: int = 2):
         image_size=64,  # 64 patches + [CLS], the ViLT inputs' size
         max_text_tokens=16,
         num_labels=7,
+        text_query_layers=list(text_query_layers),
     )
 
 
-def build_two_stream(kind: str = "two-stream-vqa", tower: str = "dinov2", fusion_layers: int = 2):
+def build_two_stream(
+    kind: str = "two-stream-vqa", tower: str = "dinov2", fusion_layers: int = 2, text_query_layers=(1, 2, 3)
+):
     from models.two_stream import TwoStreamForImageTextMatching, TwoStreamForQuestionAnswering, TwoStreamModel
 
     torch.manual_seed(0)
@@ -140,7 +144,7 @@ def build_two_stream(kind: str = "two-stream-vqa", tower: str = "dinov2", fusion
         "two-stream-vqa": TwoStreamForQuestionAnswering,
         "two-stream-retrieval": TwoStreamForImageTextMatching,
     }[kind]
-    return _randomise_layerscale(cls(two_stream_config(tower, fusion_layers))).eval()
+    return _randomise_layerscale(cls(two_stream_config(tower, fusion_layers, text_query_layers))).eval()
 
 
 def vilt_inputs(batch: int = 3, text_len: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -17,7 +17,8 @@ def train_demo_command(args: argparse.Namespace) -> None:
     known = recipes()
     if args.only is not None and args.only not in known:
         raise SystemExit(f"tokenlean train-demo: --only takes one of {sorted(known)}, got {args.only!r}")
-    report = train_demo(Path(args.out), seed=args.seed, scale=args.scale, only=args.only)
+    scenes = Path(args.scenes) if args.scenes else None
+    report = train_demo(Path(args.out), seed=args.seed, scale=args.scale, only=args.only, scenes=scenes)
     print(json.dumps(report["seconds"], indent=2))
 
 
@@ -47,6 +48,13 @@ def register(subparsers) -> None:
         "--only",
         default=None,
         help="run one model family's recipe alone, e.g. two-stream, or lookupvit (starts from out/classify)",
+    )
+    train.add_argument(
+        "--scenes",
+        default=None,
+        metavar="DIR",
+        help="train on the scenes set `tokenlean data scenes --out DIR` wrote instead of easy-VQA "
+        "(the two-stream VQA model: two-stream-scenes-vqa)",
     )
     train.set_defaults(func=train_demo_command)
 

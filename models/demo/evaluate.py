@@ -55,21 +55,51 @@ def plans(bundle: ModelBundle, methods: list[str] | None) -> list[ReductionPlan]
 
 
 @torch.inference_mode()
-def vqa_accuracy(
-    p: ModelBundle, split: data.Split, plan: ReductionPlan, limit: int | None, batch: int = 256
-) -> dict:
+def vqa_predictions(
+    p: ModelBundle, split, plan: ReductionPlan, limit: int | None, batch: int = 256
+) -> tuple[np.ndarray, float]:
+    """(whether each of the first `limit` questions is answered right, measured FLOPs saved). A
+    split's questions of one image are consecutive, so a batch runs each image's tower once
+    (unless the plan's tower reads the question)."""
     n = len(split.questions) if limit is None else min(limit, len(split.questions))
     labels = p.labels()
-    correct, flops, full = 0, 0, 0
+    correct, flops, full = [], 0, 0
     for start in range(0, n, batch):
         stop = min(start + batch, n)
         pixels = p.preprocess.from_uint8(split.images[split.question_image[start:stop]])
         out = p.forward(pixels, list(split.questions[start:stop]), plan)
         predicted = out.logits.argmax(-1).tolist()
-        correct += sum(labels[i] == a for i, a in zip(predicted, split.answers[start:stop], strict=True))
+        correct += [labels[i] == a for i, a in zip(predicted, split.answers[start:stop], strict=True)]
         flops += out.trace.flops * (stop - start)
         full += out.trace.full_flops * (stop - start)
-    return {"accuracy": correct / n, "n": n, "measured_flops_saved": 1 - flops / full}
+    return np.array(correct, dtype=bool), 1 - flops / full
+
+
+def vqa_accuracy(p: ModelBundle, split, plan: ReductionPlan, limit: int | None) -> dict:
+    correct, saved = vqa_predictions(p, split, plan, limit)
+    return {"accuracy": float(correct.mean()), "n": len(correct), "measured_flops_saved": saved}
+
+
+def breakdown(correct: np.ndarray, tags: tuple[str, ...]) -> dict[str, dict]:
+    """Accuracy and count per tag value, over the questions in `correct`."""
+    tags = np.asarray(tags[: len(correct)])
+    return {
+        tag: {"accuracy": float(correct[tags == tag].mean()), "n": int((tags == tag).sum())}
+        for tag in dict.fromkeys(tags.tolist())
+    }
+
+
+def scenes_vqa_accuracy(p: ModelBundle, split, plan: ReductionPlan, limit: int | None) -> dict:
+    """vqa_accuracy on a scenes split, also by question type and by the size of the objects the
+    question is about (models.demo.scenes.questions)."""
+    correct, saved = vqa_predictions(p, split, plan, limit)
+    return {
+        "accuracy": float(correct.mean()),
+        "n": len(correct),
+        "measured_flops_saved": saved,
+        "by_type": breakdown(correct, split.types),
+        "by_size": breakdown(correct, split.target_sizes),
+    }
 
 
 @torch.inference_mode()

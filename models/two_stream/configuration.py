@@ -16,6 +16,9 @@ class TwoStreamConfig(PretrainedConfig):
     max_text_tokens: the longest text the service passes (padding included).
     tokenlean_weight_sources: {submodule prefix: tower source} for towers whose weights come from an
     installed package rather than this checkpoint (models/towers.py); None when it holds them all.
+    text_query_layers: vision tower layers (0-based) that get a query projected from the text
+    tower's pooled output, which text-informed pruning in the tower scores image tokens by; empty:
+    the model has no such projections (and no `text-evit` method).
     """
 
     model_type = "tokenlean-two-stream"
@@ -36,6 +39,7 @@ class TwoStreamConfig(PretrainedConfig):
     image_size: int = 224
     max_text_tokens: int = 32
     tokenlean_weight_sources: dict | None = None
+    text_query_layers: list[int] | tuple[int, ...] = ()
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

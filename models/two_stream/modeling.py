@@ -157,7 +157,24 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         self.image_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.text_pool = nn.Linear(d, d)
         self.image_pool = nn.Linear(d, d)
+        vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.text_query = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in config.text_query_layers)
         self.post_init()
+
+    def text_queries(self, text_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The question as a query for each vision tower layer: (B, tower layers, vision width),
+        from the text tower's mean-pooled output (as its sentence embedding is pooled) through each
+        layer's projection; zeros at layers without one."""
+        if attention_mask is None:
+            pooled = text_states.mean(dim=1)
+        else:
+            w = attention_mask.to(text_states.dtype).unsqueeze(-1)
+            pooled = (text_states * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-6)
+        layers = self.config.vision_config.num_hidden_layers
+        queries = pooled.new_zeros(pooled.shape[0], layers, self.config.vision_config.hidden_size)
+        for layer, proj in zip(self.config.text_query_layers, self.text_query, strict=True):
+            queries[:, layer] = proj(pooled)
+        return queries
 
     def vision_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The vision tower's last hidden state (with the tower's own final norm, if it has one)."""

@@ -139,10 +139,18 @@ def test_recipes_train_every_checkpoint_after_what_it_starts_from(tmp_path):
         "classify_distill",
         "lookupvit",
     ]
-    produced = [name for p in run for name in p.produces]
-    assert set(DEMO_CHECKPOINTS) <= set(produced)
     for i, phase in enumerate(run):
         assert set(phase.requires) <= {name for p in run[:i] for name in p.produces}
+    on_scenes, loaded = phases(tmp_path, "two-stream", "scenes")
+    assert loaded == []
+    assert [name for p in on_scenes for name in p.schedules] == [
+        "two-stream-scenes-vqa",
+        "two-stream-scenes-text-query",
+    ]
+    produced = [name for p in (*run, *on_scenes) for name in p.produces]
+    assert set(DEMO_CHECKPOINTS) <= set(produced)
+    with pytest.raises(ValueError, match="trains on scenes"):
+        phases(tmp_path, "lookupvit", "scenes")
 
 
 def test_lookupvit_alone_starts_from_the_saved_classifier(tmp_path):

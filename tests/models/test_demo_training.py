@@ -12,13 +12,8 @@ from conftest import build_two_stream, vilt_inputs
 from torch import nn
 
 from models.demo.training import Schedule, optimise, train_mode
-from models.demo.two_stream import (
-    TOWER_SETTINGS,
-    balanced_batches,
-    draw_tower_setting,
-    question_form,
-    start_as_identity,
-)
+from models.demo.two_stream import TOWER_SETTINGS, balanced_batches, draw_tower_setting, start_as_identity
+from models.demo.vqa_corpus import question_form
 
 
 def test_frozen_towers_train_without_dropout():

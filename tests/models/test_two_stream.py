@@ -36,6 +36,7 @@ def removes_nothing(rm) -> list[ReductionPlan]:
         "tome": LayerSpec(r=0),
         "tcvit": LayerSpec(r=0),
         "evit": LayerSpec(keep_rate=1.0),
+        "text-evit": LayerSpec(keep_rate=1.0),
         "pumer": LayerSpec(),
     }
     return [
@@ -89,7 +90,7 @@ def test_levels_get_stronger_and_tower_methods_meet_at_equal_flops():
     for method, ratios in kept.items():
         assert ratios == sorted(ratios, reverse=True) and ratios[0] == 1.0, (method, ratios)
     for level in (1, 2, 3):  # tower methods aim at the same whole-model FLOPs per level
-        spread = [kept[m][level] for m in ("tome", "tcvit", "evit")]
+        spread = [kept[m][level] for m in ("tome", "tcvit", "evit", "text-evit")]
         assert max(spread) - min(spread) < 0.08, (LEVELS[level], spread)
 
 
@@ -166,3 +167,39 @@ def test_padding_never_changes_a_rows_answer():
             [rm(ids[k : k + 1], px[k : k + 1], mask[k : k + 1], plan=plan).logits for k in range(3)]
         )
     assert (batch - single).abs().max().item() <= 1e-4
+
+
+def test_text_evit_keeps_the_image_tokens_the_question_points_at():
+    """One image, two questions: EViT keeps the same tokens for both; text-evit, whose query comes
+    from the question, keeps different ones. Rows that share the image run the tower once each
+    under text-evit, and a batch answers as its rows do alone."""
+    model = build_two_stream("two-stream-vqa")
+    rm = reducible(model)
+    ids, px, mask = inputs(batch=2)
+    px[1] = px[0]
+    with torch.no_grad():
+        for proj in model.two_stream.text_query:  # a query strong enough to decide the ranking
+            proj.weight.mul_(50)
+        for method, differ in (("evit", False), ("text-evit", True)):
+            tower = named_plan(rm, "low", method).layers[: rm.tower.num_layers]
+            plan = ReductionPlan(method, tower + (LayerSpec(),) * rm.num_fusion_layers)  # fusion untouched
+            out = rm(ids, px, mask, plan=plan, track_source=True)
+            kept = [set(out.sources[r].argmax(-1).tolist()) for r in range(2)]
+            assert (kept[0] != kept[1]) == differ, method
+        plan = named_plan(rm, "high", "text-evit")
+        batch = rm(ids, px, mask, plan=plan).logits
+        single = torch.cat(
+            [rm(ids[k : k + 1], px[k : k + 1], mask[k : k + 1], plan=plan).logits for k in range(2)]
+        )
+    assert (batch - single).abs().max().item() <= 1e-4
+    assert rm.flops(plan) == rm.flops(named_plan(rm, "high", "evit"))
+
+
+def test_text_evit_needs_a_query_at_every_layer_evit_prunes_at():
+    assert "text-evit" in reducible(build_two_stream("two-stream-vqa")).methods
+    for layers in ((), (1, 2)):  # none, or not at every pruning layer (1, 2, 3 of 4)
+        rm = reducible(build_two_stream("two-stream-vqa", text_query_layers=layers))
+        assert "text-evit" not in rm.methods
+        with pytest.raises(ValueError, match="does not apply"):
+            ids, px, mask = inputs(batch=1)
+            rm(ids, px, mask, plan=named_plan(reducible(build_two_stream()), "high", "text-evit"))

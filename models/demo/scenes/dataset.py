@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,3 +231,21 @@ def format_distribution(manifest: dict, split: str | None = None) -> str:
 def _answer_order(item: tuple[str, int]):
     answer = item[0]
     return (0, int(answer), "") if answer.isdigit() else (1, 0, answer)
+
+
+def cached_test_split(seed: int = 0) -> Path:
+    """A folder holding the default test split at `seed`, generated on first use under the tower
+    cache (models/towers.py cache_root) and reused after: benchmarks and evaluations on the scenes
+    set need no prior `tokenlean data scenes`. Other splits are written empty."""
+    from models.towers import cache_root
+
+    folder = cache_root() / f"scenes-v{VERSION}-seed{seed}"
+    if not (folder / "manifest.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + "."))
+        generate(
+            tmp, seed=seed, scenes={"train": 0, "val": 0, "test": DEFAULT_SCENES["test"]}, progress=False
+        )
+        shutil.rmtree(folder, ignore_errors=True)  # a partial folder of an interrupted run
+        tmp.rename(folder)
+    return folder

@@ -1,4 +1,8 @@
-"""EViT: keep the tokens [CLS] attends to most at a quarter, half and three quarters of the depth."""
+"""EViT: keep the tokens [CLS] attends to most at a quarter, half and three quarters of the depth.
+
+When the tokens carry a query from outside the stream (a two-stream model's question, for its
+`text-evit` method), the tokens that query attends to most through the layer's keys are kept
+instead: text-informed pruning inside the vision tower, at EViT's token counts and FLOPs."""
 
 from __future__ import annotations
 
@@ -31,10 +35,11 @@ class EViT(ReductionMethod):
         return n_text, evit_count(n_image, model.protected, spec.keep_rate)
 
     def reduce(self, spec, tokens, attn, plan, model):
-        cls_attn = attn.probs(slice(0, 1))[:, 0]
-        x, size, source = evit(
-            tokens.x, tokens.size, tokens.source, cls_attn, spec.keep_rate, model.protected
-        )
+        if tokens.query is None:
+            scores = attn.probs(slice(0, 1))[:, 0]
+        else:
+            scores = attn.query_probs(tokens.query[:, attn.layer])
+        x, size, source = evit(tokens.x, tokens.size, tokens.source, scores, spec.keep_rate, model.protected)
         return tokens.reduced(x=x, size=size, source=source)
 
 

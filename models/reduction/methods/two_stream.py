@@ -4,7 +4,9 @@ co-attention fusion layers.
 `pumer` is PuMer as its paper applies it to METER: text-informed pruning and modality-aware merging
 in every fusion layer, towers untouched. `tome`, `tcvit` and `evit` run that method inside the
 vision tower (text-agnostic: the tower never sees the text) and PuMer in the fusion layers, so one
-plan reduces both stages. Their levels are defined on the whole model's FLOPs (vision tower, text
+plan reduces both stages. `text-evit` is EViT's schedule in the tower with the tokens kept chosen
+by the question instead of [CLS] (models/reduction/methods/evit.py), on models trained with text
+query projections. Their levels are defined on the whole model's FLOPs (vision tower, text
 tower and fusion): each level keeps about LEVEL_FLOPS of the unreduced model's, with the fusion at
 PuMer's setting of that level and the tower's strength chosen to reach the total. So methods
 compare at equal FLOPs, level by level.
@@ -39,6 +41,9 @@ def joined(model, tower: tuple[LayerSpec, ...], fusion: LayerSpec) -> tuple[Laye
 class TwoStreamMethod(ReductionMethod):
     layout = TWO_STREAM
     tower: ClassVar[str | None] = None  # the IMAGE-layout method run inside the vision tower
+    # The tower method scores image tokens by the question (the text tower runs first): only
+    # models with text query projections (TwoStreamConfig.text_query_layers) offer it.
+    text_informed: ClassVar[bool] = False
 
     def tower_candidates(self, model) -> list[tuple[LayerSpec, ...]]:
         return [p.layers for p in get_method(self.tower, IMAGE).candidates(model.tower)]
@@ -103,5 +108,15 @@ class TowerEViT(TwoStreamMethod):
     summary = "EViT in the vision tower, PuMer in the fusion layers"
 
 
-for _method in (FusionPuMer(), TowerToMe(), TowerTCViT(), TowerEViT()):
+class TowerTextEViT(TwoStreamMethod):
+    name = "text-evit"
+    tower = "evit"
+    text_informed = True
+    summary = (
+        "EViT in the vision tower keeping the image tokens the question attends to most (a learned "
+        "projection of the text tower's output), PuMer in the fusion layers"
+    )
+
+
+for _method in (FusionPuMer(), TowerToMe(), TowerTCViT(), TowerEViT(), TowerTextEViT()):
     register_method(_method)

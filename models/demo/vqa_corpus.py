@@ -1,0 +1,76 @@
+"""What the two-stream recipe trains VQA on, whatever the data set: images, questions with their
+answers and images, the answer vocabulary, and the form of each question (batches draw every form
+alike). Built from easy-VQA (the defaults) or from the scenes set (`tokenlean data scenes`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.demo import data
+from models.demo.scenes import ANSWERS as SCENE_ANSWERS
+from models.demo.scenes import SceneSplit
+
+
+@dataclass(frozen=True)
+class VQACorpus:
+    name: str
+    images: np.ndarray  # (N, H, W, 3) uint8
+    questions: tuple[str, ...]
+    answers: tuple[str, ...]
+    question_image: np.ndarray  # image index of each question
+    vocabulary: tuple[str, ...]  # the answer classes, in head order
+    forms: tuple[tuple, ...]  # per question: what batches balance over
+
+    def first_images(self, n: int) -> VQACorpus:
+        """The corpus cut to its first n images and their questions."""
+        keep = np.flatnonzero(self.question_image < n)
+        return VQACorpus(
+            self.name,
+            self.images[:n],
+            tuple(self.questions[i] for i in keep),
+            tuple(self.answers[i] for i in keep),
+            self.question_image[keep],
+            self.vocabulary,
+            tuple(self.forms[i] for i in keep),
+        )
+
+
+def question_form(question: str, answer: str) -> tuple:
+    """What an easy-VQA question's wording says about its answer: open (by the answer's kind), or
+    yes/no by its subject (a colour or a shape), its negation and its answer."""
+    if answer not in ("yes", "no"):
+        return ("open", "color" if answer in data.COLORS else "shape")
+    words = question.rstrip("?").split()
+    negated = "not" in words or "no" in words
+    return ("yes/no", "color" if set(words) & set(data.COLORS) else "shape", negated, answer)
+
+
+def easy_vqa(split: data.Split) -> VQACorpus:
+    """easy-VQA: "is there a red shape?" is answered "no" seven times out of eight, so a model
+    trained on the raw mix learns to answer yes/no questions from their wording; balanced over
+    question_form, it has to look at the image."""
+    return VQACorpus(
+        "easy-vqa",
+        split.images,
+        split.questions,
+        split.answers,
+        split.question_image,
+        data.answers(),
+        tuple(question_form(q, a) for q, a in zip(split.questions, split.answers, strict=True)),
+    )
+
+
+def scenes(split: SceneSplit) -> VQACorpus:
+    """The scenes set balances its answers within each question type by construction, so batches
+    only balance the types (counting and relations are as frequent as colour questions)."""
+    return VQACorpus(
+        "scenes",
+        split.images,
+        split.questions,
+        split.answers,
+        split.question_image,
+        SCENE_ANSWERS,
+        tuple((t,) for t in split.types),
+    )
