@@ -105,30 +105,61 @@ def fold_model_flags(argv: list[str]) -> list[str]:
     return [*rest, "--models", json.dumps(table)] if table else rest
 
 
-def serve(argv: list[str]) -> None:
-    """Start the HTTP service; settings from TOKENLEAN_* environment variables and these flags."""
+def fold_shortcuts(argv: list[str]) -> list[str]:
+    """`--replicas N` (or `=N`) is `--ray.replicas N`."""
+    return [
+        "--ray.replicas" + flag[len("--replicas") :] if flag.split("=")[0] == "--replicas" else flag
+        for flag in argv
+    ]
+
+
+def settings_from(argv: list[str], command: str):
+    """Settings from TOKENLEAN_* variables and `tokenlean serve` flags; `--help` answers here,
+    before any model library loads."""
     from pydantic import ValidationError
 
-    from app.logs import configure
     from app.settings import Settings
 
-    try:  # `--help` answers here, before any model library loads
-        settings = Settings(_cli_parse_args=fold_model_flags(argv))
+    try:
+        return Settings(
+            _cli_parse_args=fold_model_flags(fold_shortcuts(argv)), _cli_prog_name=f"tokenlean {command}"
+        )
     except ValidationError as exc:
-        sys.exit(f"tokenlean serve: invalid settings\n{exc}")
+        sys.exit(f"tokenlean {command}: invalid settings\n{exc}")
+
+
+def serve(argv: list[str]) -> None:
+    """Start the HTTP service; settings from TOKENLEAN_* environment variables and these flags."""
+    from app.logs import configure
+
+    settings = settings_from(argv, "serve")
+    log_config = configure(settings.log_format, settings.log_level)
+    if settings.engine == "ray":  # replicas in Ray Serve, behind Ray's proxy (app/engines/)
+        from app.engines.ray_serve import run as run_on_ray
+
+        return run_on_ray(settings)
     from app.main import create_app
     from app.server import run
 
-    log_config = configure(settings.log_format, settings.log_level)
     # One worker per process: every worker would hold its own copy of the models, and the
     # micro-batcher only batches requests that reach the same process. Scale with replicas.
     run(create_app(settings), settings, log_config)
+
+
+def ray_config(argv: list[str]) -> None:
+    """Print the Ray Serve config (`serve run` / `serve deploy` YAML) of the settings that
+    `tokenlean serve` would run with these variables and flags."""
+    from app.engines.ray_config import serve_config_yaml
+
+    print(serve_config_yaml(settings_from(argv, "ray-config"), argv), end="")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
+    if argv[:1] == ["ray-config"]:
+        return ray_config(argv[1:])
     # Torch-free modules: the help of every command answers without loading a model library.
     from app.tasks.base import tasks
     from bench.cli import register as register_bench
@@ -139,6 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tokenlean", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="start the HTTP service (see `tokenlean serve --help`)", add_help=False)
+    sub.add_parser(
+        "ray-config",
+        help="print the Ray Serve config (YAML) of `tokenlean serve`'s settings; takes its flags",
+        add_help=False,
+    )
     plans = sub.add_parser("plans", help="show compression levels, tokens per layer and FLOPs for a model")
     plans.add_argument(
         "--model",

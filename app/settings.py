@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
@@ -77,6 +77,45 @@ class LimitSettings(BaseModel):
     max_top_k: int = Field(default=20, ge=1)
 
 
+class RaySettings(BaseModel):
+    """`engine=ray`: the same app in Ray Serve replicas behind Ray's HTTP proxy (app/engines/)."""
+
+    replicas: int = Field(default=1, ge=1, description="replicas when not autoscaling (`--replicas N`)")
+    autoscaling: bool = Field(
+        default=False, description="let Ray Serve scale between min_replicas and max_replicas"
+    )
+    min_replicas: int = Field(default=1, ge=0, description="autoscaling: fewest replicas")
+    max_replicas: int = Field(default=4, ge=1, description="autoscaling: most replicas")
+    target_ongoing_requests: float = Field(
+        default=16.0, gt=0, description="autoscaling: requests in flight per replica it aims at"
+    )
+    # Ray's default (5) would keep a replica's micro-batches below 5 requests; its own admission
+    # (batching.max_queue_wait_ms) still refuses work it cannot start in time.
+    max_ongoing_requests: int = Field(
+        default=64, ge=1, description="requests in flight per replica; more wait in the proxy"
+    )
+    max_queued_requests: int = Field(
+        default=256, ge=-1, description="requests waiting in a proxy for a replica before 503; -1: no bound"
+    )
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After of the proxy's 503 on a full queue")
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs per replica (Ray sets its torch threads)")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica; a fraction shares a GPU")
+    app_name: str = Field(default="tokenlean", min_length=1, description="the Serve application's name")
+    metrics_export_port: int = Field(
+        default=8080,
+        ge=0,
+        le=65535,
+        description="local Ray instance: its Prometheus export port (every replica's metrics)",
+    )
+    dashboard: bool = Field(default=False, description="local Ray instance: start Ray's dashboard")
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> RaySettings:
+        if self.autoscaling and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TOKENLEAN_",
@@ -101,7 +140,7 @@ class Settings(BaseSettings):
     )
     batching: BatchingSettings = BatchingSettings()
     limits: LimitSettings = LimitSettings()
-    api_key: str | None = Field(default=None, description="bearer token required on /v1 routes")
+    api_key: str | None = Field(default=None, description="bearer token required on /v1 and /v2 routes")
     protect_metrics: bool = Field(default=False, description="require the API key on /metrics too")
     log_format: Literal["text", "json"] = "text"
     log_level: str = "info"
@@ -113,6 +152,11 @@ class Settings(BaseSettings):
         default=1024, ge=1, description="open connections (and requests in flight); past it, requests get 503"
     )
     keep_alive_s: int = Field(default=5, ge=1, description="idle keep-alive connections close after this")
+    engine: Literal["uvicorn", "ray"] = Field(
+        default="uvicorn",
+        description="uvicorn: this one process; ray: Ray Serve replicas behind Ray's proxy (see --ray.*)",
+    )
+    ray: RaySettings = RaySettings()
 
     @field_validator("models")
     @classmethod
