@@ -1,5 +1,7 @@
 """The one place where errors become HTTP: each domain error's status and code, and the JSON body
-{"error": {"code": "...", "message": "..."}}. Anything unexpected is logged and answered 500
+{"error": {"code": "...", "message": "..."}}, or the Open Inference Protocol's {"error": "..."} for
+a request under /v2 (`protocol`), whoever answers it: a route, the middleware refusing it before
+routing (app/limits.py), the shutdown guard. Anything unexpected is logged and answered 500
 without internals."""
 
 from __future__ import annotations
@@ -101,15 +103,26 @@ def headers_of(exc: ServiceError) -> dict[str, str] | None:
     return headers or None
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+def protocol(path: str) -> str:
+    """The API a request path belongs to: "v2" (the Open Inference Protocol: /v2 and below, app/v2/)
+    or "v1" (everything else)."""
+    return "v2" if path == "/v2" or path.startswith("/v2/") else "v1"
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict | None = None, path: str = ""
+) -> JSONResponse:
+    """An error answer to a request for `path`: the same status and headers on every path; the
+    body is /v1's {"error": {"code", "message"}} or, under /v2, the protocol's {"error": message}."""
     # A message may quote client input; a lone surrogate in it could not be encoded as UTF-8.
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    error = message if protocol(path) == "v2" else {"code": code, "message": message}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
-def response_for(exc: ServiceError) -> JSONResponse:
+def response_for(exc: ServiceError, path: str = "") -> JSONResponse:
     status, code = status_of(exc)
-    return error_response(status, code, exc.message, headers_of(exc))
+    return error_response(status, code, exc.message, headers_of(exc), path)
 
 
 def _describe(errors: list) -> str:
@@ -121,22 +134,25 @@ def _describe(errors: list) -> str:
 
 
 def install(app: FastAPI) -> None:
+    """The error handlers of `app` (the application, and the /v2 sub-application it mounts)."""
+
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
-        return response_for(exc)
+        return response_for(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return error_response(422, "invalid_request", _describe(exc.errors()))
+        return error_response(422, "invalid_request", _describe(exc.errors()), path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return error_response(exc.status_code, code, str(exc.detail), headers, request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error")
+        return error_response(500, "internal_error", "internal error", path=request.url.path)

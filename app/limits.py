@@ -4,9 +4,14 @@
   the server's connection set over in app/server.py): 503 with `Retry-After` and
   `Connection: close`, in JSON like every other error, instead of uvicorn's plain-text 503;
 - a Content-Length over the body limit: 413;
-- a task request the model thread has no room for (the predicted wait ahead is past the maximum
-  queue wait, app/batching.py): 503 with `Retry-After`, before routing, validation or the
-  body, so that under overload a refusal costs tens of microseconds of the event loop.
+- a task request (`POST /v1/<task>`, `POST /v2/models/<task>/infer`) the model thread has no
+  room for (the predicted wait ahead is past the maximum queue wait, app/batching.py): 503 with
+  `Retry-After`, before routing, validation or the body, so that under overload a refusal costs
+  tens of microseconds of the event loop; an admitted one holds a reservation while its body is
+  read.
+
+Each refusal has the error body of the request's API (app/http_errors.py: /v1's, or the Open
+Inference Protocol's under /v2).
 
 Then it refuses bodies over the limit while they are read, whether or not the client sent
 Content-Length, and bodies that do not arrive in time: a client sending half a body (or a byte a
@@ -43,7 +48,7 @@ class BodyLimitMiddleware:
         message = f"request body exceeds {self.max_bytes} bytes"
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                return await response_for(TooLarge(message))(scope, receive, send)
+                return await response_for(TooLarge(message), scope["path"])(scope, receive, send)
         refusal, held = admission(scope, started)
         if refusal is not None:
             return await refusal(scope, receive, send)
@@ -104,22 +109,33 @@ class BodyLimitMiddleware:
             self._capped, self._capped_logged = 0, started
         error = Overloaded(f"the server has too many open connections (at most {cap}); retry later", 1)
         count_refusal(scope, started)
-        response = response_for(error)
+        response = response_for(error, scope["path"])
         response.headers["connection"] = "close"
         return response
 
 
+def task_of(path: str) -> str | None:
+    """The task a POST to `path` asks for: /v1/<task>, or /v2/models/<task>/infer (the protocol's
+    model name is the task's name); None for any other path."""
+    if path.startswith("/v1/"):
+        return path[4:]
+    parts = path.split("/")  # "", "v2", "models", <task>, "infer"
+    if len(parts) == 5 and parts[:3] == ["", "v2", "models"] and parts[4] == "infer":
+        return parts[3]
+    return None
+
+
 def _task_service(scope):
-    """The service a POST /v1/<task> goes to, when it is one that admission may refuse."""
+    """The service a task request goes to, when it is one that admission may refuse."""
     if scope.get("method") != "POST" or "app" not in scope:
         return None
-    path = scope.get("path", "")
-    if not path.startswith("/v1/"):
+    task = task_of(scope.get("path", ""))
+    if task is None:
         return None
     state = scope["app"].state
     if not getattr(state, "ready", False):
         return None  # the route answers: still loading
-    return state.services.get(path[4:])
+    return state.services.get(task)
 
 
 def _authorized(scope, key: str | None) -> bool:
@@ -143,7 +159,7 @@ def admission(scope, started: float):
         return None, svc.batcher.admit_early()
     except Overloaded as exc:
         count_refusal(scope, started, svc.task.name)
-        return response_for(exc), None
+        return response_for(exc, scope["path"]), None
     except Unavailable:  # shutting down: the route answers it, as any request in the drain
         return None, None
 

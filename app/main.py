@@ -100,8 +100,9 @@ def create_app(settings: Settings | None = None, factory: ServiceFactory = defau
 BEARER = {
     "type": "http",
     "scheme": "bearer",
-    "description": "`Authorization: Bearer <token>`, required on /v1 routes when the server sets "
-    "TOKENLEAN_API_KEY (and on /metrics with TOKENLEAN_PROTECT_METRICS)",
+    "description": "`Authorization: Bearer <token>`, required on /v1 and /v2 routes (all but "
+    "/v2/health/*) when the server sets TOKENLEAN_API_KEY (and on /metrics with "
+    "TOKENLEAN_PROTECT_METRICS)",
 }
 
 

@@ -1,7 +1,8 @@
 """Prometheus metrics, all in one registry. Labels are bounded: task, level (a named level or the
 FLOPs bucket a numeric request resolved to), method (a reduction method, `none`, or `invalid`
 before a plan), status (the HTTP status code: the few app/http_errors.py knows, 200, 499 for a
-client that went away), backend, device."""
+client that went away), backend, device. A request to /v1/<task> and one to /v2/models/<task>/infer
+count in the same series: no label tells the protocols apart."""
 
 from __future__ import annotations
 

@@ -188,28 +188,51 @@ async def observed(request: Request, task: str):
         m.request_duration.labels(*labels).observe(time.perf_counter() - started)
 
 
+# ------------------------------------------------------------------ running a task request
+# What /v1/<task> and /v2/models/<task>/infer share; only reading the body and writing the answer
+# differ. Inside `observed`: `admitted`, then read the body into the task's request, then `answer`.
+
+
+def admitted(request: Request, task: str) -> TaskService:
+    """The task's service, refusing the request (Overloaded, 503) before its body is read when
+    the server is full."""
+    svc = service(request, task)
+    svc.batcher.check_admission()
+    return svc
+
+
+async def answer(
+    request: Request, svc: TaskService, body: BaseModel, raw: dict[str, list[bytes]], state: dict
+) -> tuple[dict, dict]:
+    """A parsed task request (its body and raw image bytes) through plan, decoding and the
+    micro-batcher; returns the task's response fields and the report, and labels `state` (of
+    `observed`) with the level and method it ran at."""
+    task = svc.task
+    limits, budget = request.app.state.settings.limits, request.app.state.decode_budget
+
+    async def pixels(data: list[bytes]):
+        return await decode_images(data, limits, svc.bundle.preprocess, budget)
+
+    plan = svc.plan_for(body.compression, body.method)  # before decoding: it is cheap
+    item = await task.decode(body, raw, svc.decode_context(pixels))
+    state["level"], state["method"] = svc.level_label(plan), plan.method
+    deadline_s = body.deadline_ms / 1000 if body.deadline_ms else None
+    result, trace, info = await svc.submit(plan, item, deadline_s=deadline_s)
+    kept = request.app.state.metrics.tokens_kept
+    kept.labels(task.name, state["level"], state["method"]).observe(trace.kept_ratio)
+    return task.encode(body, result), report(svc, body, plan, trace, info, state["started"])
+
+
 # ------------------------------------------------------------------ v1 endpoints
 
 
 def task_endpoint(task: Task):
     async def endpoint(request: Request):
         async with observed(request, task.name) as state:
-            svc = service(request, task.name)
-            svc.batcher.check_admission()  # refuse before reading the body when the server is full
+            svc = admitted(request, task.name)
             body, raw = await parse(request, task)
-            limits, budget = request.app.state.settings.limits, request.app.state.decode_budget
-
-            async def pixels(data: list[bytes]):
-                return await decode_images(data, limits, svc.bundle.preprocess, budget)
-
-            plan = svc.plan_for(body.compression, body.method)  # before decoding: it is cheap
-            item = await task.decode(body, raw, svc.decode_context(pixels))
-            state["level"], state["method"] = svc.level_label(plan), plan.method
-            deadline_s = body.deadline_ms / 1000 if body.deadline_ms else None
-            result, trace, info = await svc.submit(plan, item, deadline_s=deadline_s)
-            kept = request.app.state.metrics.tokens_kept
-            kept.labels(task.name, state["level"], state["method"]).observe(trace.kept_ratio)
-            return {**task.encode(body, result), **report(svc, body, plan, trace, info, state["started"])}
+            fields, summary = await answer(request, svc, body, raw, state)
+            return {**fields, **summary}
 
     endpoint.__doc__ = task.summary
     return endpoint

@@ -67,6 +67,7 @@ class ShutdownGuard:
             if started or not self.drain.started:
                 raise
             # The task ends here either way; answering is all that is left to do.
-            await response_for(Unavailable("the server is shutting down"))(scope, receive, send)
+            refusal = response_for(Unavailable("the server is shutting down"), scope["path"])
+            await refusal(scope, receive, send)
         finally:
             self.drain.in_flight -= 1

@@ -2,74 +2,35 @@
 `/v2/health/live`, `/v2/health/ready`, and per served task (the model name is the task's name)
 `GET /v2/models/{name}`, `GET /v2/models/{name}/ready`, `POST /v2/models/{name}/infer`.
 
-An infer request goes the way of a /v1 request: the same API key, admission, limits, task
-decoding, plan and micro-batcher (app/routes.py), only its body (app/v2/codec.py) and the mapping
-to the task's fields (app/v2/mapping.py) differ. Errors are the same domain errors with the same
-status codes (app/http_errors.py), in the protocol's body `{"error": "<message>"}`: the routes
-under /v2/ are a mounted sub-application with its own error handlers, sharing the app's state."""
+An infer request goes the way of a /v1 request: the same API key, admission (before routing, in
+app/limits.py, and in app/routes.py's `admitted`), limits, task decoding, plan and micro-batcher
+(app/routes.py's `answer`), only its body (app/v2/codec.py) and the mapping to the task's fields
+(app/v2/mapping.py) differ. Errors are the same domain errors with the same status codes and
+headers (app/http_errors.py), which answers every path under /v2 in the protocol's body
+`{"error": "<message>"}`: the routes under /v2/ are a mounted sub-application with the same error
+handlers as the app, sharing its state."""
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from app import __version__
-from app.errors import ClientClosed, NotServed, ServiceError, Unavailable, UnsupportedMedia
-from app.http_errors import headers_of, status_of
-from app.images import decode_images
-from app.routes import observed, report, require_api_key, service
+from app import __version__, http_errors
+from app.errors import ClientClosed, NotServed, Unavailable, UnsupportedMedia
+from app.routes import admitted, answer, observed, require_api_key, service
 from app.tasks.base import Task, tasks
 from app.v2 import codec, mapping
 
-log = logging.getLogger("tokenlean")
 EXTENSIONS = ["binary_tensor_data"]
-
-
-def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    # A message may quote client input; a lone surrogate in it could not be encoded as UTF-8.
-    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def response_for(exc: ServiceError) -> JSONResponse:
-    return error_response(status_of(exc)[0], exc.message, headers_of(exc))
-
-
-def install_errors(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError):
-        return response_for(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        return error_response(422, "; ".join(str(e.get("msg")) for e in exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal error")
 
 
 def server_metadata() -> dict:
     return {"name": "tokenlean", "version": __version__, "extensions": EXTENSIONS}
 
 
-async def root_metadata(request: Request):
-    """GET /v2 itself (the mount below answers /v2/...): server metadata, in the protocol's
-    error body when the API key is missing."""
-    try:
-        require_api_key(request)
-    except ServiceError as exc:
-        return response_for(exc)
+async def root_metadata():
+    """GET /v2 itself (the mount below answers /v2/...): server metadata."""
     return server_metadata()
 
 
@@ -145,28 +106,15 @@ def build_router() -> APIRouter:
     async def infer(request: Request, name: str):
         task = v2_task(request, name)
         async with observed(request, task.name) as state:
-            svc = service(request, task.name)
-            svc.batcher.check_admission()  # refuse before reading the body when the server is full
-            body_bytes = await read_body(request)
-            limits, budget = request.app.state.settings.limits, request.app.state.decode_budget
+            svc = admitted(request, task.name)
+            limits = request.app.state.settings.limits
+            data, header_length = await read_body(request), request.headers.get(codec.HEADER_LENGTH)
             # no tensor of a task holds more elements than a request has candidates
-            header_length = request.headers.get(codec.HEADER_LENGTH)
-            infer_request = codec.decode_request(body_bytes, header_length, limits.max_candidates)
+            infer_request = codec.decode_request(data, header_length, limits.max_candidates)
             body, raw = mapping.request_body(task, infer_request, limits.max_upload_bytes)
-
-            async def pixels(data: list[bytes]):
-                return await decode_images(data, limits, svc.bundle.preprocess, budget)
-
-            plan = svc.plan_for(body.compression, body.method)  # before decoding: it is cheap
-            item = await task.decode(body, raw, svc.decode_context(pixels))
-            state["level"], state["method"] = svc.level_label(plan), plan.method
-            deadline_s = body.deadline_ms / 1000 if body.deadline_ms else None
-            result, trace, info = await svc.submit(plan, item, deadline_s=deadline_s)
-            kept = request.app.state.metrics.tokens_kept
-            kept.labels(task.name, state["level"], state["method"]).observe(trace.kept_ratio)
-            fields = task.encode(body, result)
-            parameters = mapping.response_parameters(report(svc, body, plan, trace, info, state["started"]))
+            fields, summary = await answer(request, svc, body, raw, state)
             outputs = mapping.output_tensors(task, fields, infer_request)
+            parameters = mapping.response_parameters(summary)
             content, headers = codec.encode_response(task.name, infer_request.id, outputs, parameters)
             return Response(content, headers=headers)
 
@@ -176,9 +124,15 @@ def build_router() -> APIRouter:
 def install(app: FastAPI) -> None:
     """Serve the protocol on `app`: GET /v2, and the rest under a /v2 mount with the protocol's
     error bodies (also for unknown paths and methods under /v2/)."""
-    app.add_api_route("/v2", root_metadata, methods=["GET"], include_in_schema=False)
+    app.add_api_route(
+        "/v2",
+        root_metadata,
+        methods=["GET"],
+        dependencies=[Depends(require_api_key)],
+        include_in_schema=False,
+    )
     v2 = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     v2.state = app.state  # settings, services, metrics, readiness: the app's own
-    install_errors(v2)
+    http_errors.install(v2)  # the app's handlers: under /v2 they answer in the protocol's body
     v2.include_router(build_router())
     app.mount("/v2", v2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from conftest import png_bytes, wait_ready
 from fastapi.testclient import TestClient
 
 from app.backlog import Backlog, CostTable
-from app.batching import MicroBatcher, arrival
+from app.batching import MicroBatcher, arrival, reservation
 from app.errors import Overloaded
 from app.http_errors import status_of
 from app.main import create_app
@@ -247,6 +248,57 @@ def test_past_the_connection_cap_the_refusal_is_json_with_retry_after_and_closes
     assert r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
     assert health.status_code == 503  # as uvicorn's cap did: every request
     assert client.post("/v1/classify", json={"image": B64}, headers={"Authorization": KEY}).status_code == 200
+
+
+V2_INFER = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [B64]}]})
+
+
+def test_a_v2_infer_is_refused_before_routing_in_the_protocols_body(client, monkeypatch):
+    """POST /v2/models/<task>/infer (the model name is the task's) meets the admission of
+    POST /v1/<task>: refused before routing and counted under its task, with the protocol's
+    error body and the same Retry-After."""
+    backlog = client.app.state.services["classify"].batcher.backlog
+    ahead = client.app.state.settings.batching.max_queue_wait_ms / 1000 + 3.0
+    reached = []
+    monkeypatch.setattr("app.routes.service", lambda *a: reached.append(a))  # must not be reached
+    refusals = metric(client, "tokenlean_rejected_total", task="classify")
+    backlog.admit(ahead)
+    try:
+        refused = client.post("/v2/models/classify/infer", content=V2_INFER, headers={"Authorization": KEY})
+        anonymous = client.post("/v2/models/classify/infer", content=V2_INFER)
+    finally:
+        backlog.withdraw(ahead)
+        monkeypatch.undo()
+    assert (refused.status_code, refused.headers["content-type"]) == (503, "application/json")
+    assert list(refused.json()) == ["error"] and "busy" in refused.json()["error"]
+    assert int(refused.headers["retry-after"]) >= 3 and not reached
+    assert anonymous.status_code == 401 and isinstance(anonymous.json()["error"], str)
+    assert metric(client, "tokenlean_rejected_total", task="classify") == refusals + 1
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [("/v1/classify", json.dumps({"image": B64})), ("/v2/models/classify/infer", V2_INFER)],
+    ids=["v1", "v2"],
+)
+def test_a_task_request_holds_its_early_reservation_from_before_its_body_until_it_is_queued(
+    client, monkeypatch, path, body
+):
+    svc = client.app.state.services["classify"]
+    seen = []
+    plan_for = svc.plan_for
+
+    def spy(*args):  # runs once the body is read and parsed, before the request is queued
+        held = reservation.get()
+        seen.append((held, held is not None and held.held, svc.batcher.backlog.seconds()))
+        return plan_for(*args)
+
+    monkeypatch.setattr(svc, "plan_for", spy)
+    headers = {"Authorization": KEY, "content-type": "application/json"}
+    assert client.post(path, content=body, headers=headers).status_code == 200
+    [(held, was_held, backlog)] = seen
+    assert was_held and backlog >= held.seconds > 0
+    assert not held.held  # handed over to the queue (or released) once queued
 
 
 # ------------------------------------------------------------------ before the body is read
