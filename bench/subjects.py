@@ -13,17 +13,20 @@ import torch
 from bench.variants import Variant, input_size, variants_of
 from models.bundle import ModelBundle, load_bundle
 from models.demo import data
-from models.demo.evaluate import METRICS
+from models.demo.evaluate import METRICS, scenes_vqa_accuracy
 from models.demo.paths import (
     CHECKPOINTS,
     CLASSIFY,
     LOOKUPVIT_CLASSIFY,
     RETRIEVAL,
     TWO_STREAM_RETRIEVAL,
+    TWO_STREAM_SCENES_VQA,
     TWO_STREAM_VQA,
     VIT_CLASSIFY,
     VQA,
 )
+from models.demo.scenes import SceneSplit, load_split
+from models.demo.scenes.dataset import cached_test_split
 from models.families.base import ReducibleModel
 from models.families.registry import reducible
 from models.levels import named_plan
@@ -32,12 +35,13 @@ from models.plan import LEVELS
 
 # Demo subject -> (its task, its checkpoint folder, further models it holds: slot -> folder). The
 # defaults (two-stream VQA and retrieval on DINOv2-S + MiniLM-L6, the DINOv2-S classifier, all at
-# 224 px) first; then the small ViLT models (64 px) and the small ViT classifier, whose subject
-# also holds the LookupViT classifier.
+# 224 px) first; then the two-stream VQA model of the scenes set; then the small ViLT models
+# (64 px) and the small ViT classifier, whose subject also holds the LookupViT classifier.
 DEMO = {
     "two-stream-vqa": ("vqa", TWO_STREAM_VQA, {}),
     "two-stream-retrieval": ("retrieval", TWO_STREAM_RETRIEVAL, {}),
     "classify": ("classify", CLASSIFY, {}),
+    "scenes": ("vqa", TWO_STREAM_SCENES_VQA, {}),
     "vqa": ("vqa", VQA, {}),
     "retrieval": ("retrieval", RETRIEVAL, {}),
     "vit-classify": ("classify", VIT_CLASSIFY, {"lookupvit": LOOKUPVIT_CLASSIFY}),
@@ -49,6 +53,9 @@ FULL_SIZE = {
     "vit-b16": ("classify", "random:vit-b16"),
 }
 SUBJECTS = (*DEMO, *FULL_SIZE)
+# Subjects evaluated on the scenes set's test split (generated on first use) instead of easy-VQA's:
+# accuracy also by question type and by target-object size, and token maps of a few test scenes.
+SCENES = ("scenes",)
 # The headline quality figure of each task (retrieval: mean recall@1 of both directions).
 METRIC = {"vqa": "accuracy", "classify": "accuracy", "retrieval": "recall@1"}
 SEED = 0
@@ -68,7 +75,8 @@ class Subject:
     models: dict[str, ReducibleModel]
     variants: list[Variant]
     bundles: dict[str, ModelBundle] = field(default_factory=dict)  # demo subjects only
-    split: data.Split | None = None
+    split: data.Split | SceneSplit | None = None
+    data: str | None = None  # the test set of the accuracy columns: "easy-VQA" or "scenes"
 
     @property
     def main(self) -> ReducibleModel:
@@ -118,14 +126,15 @@ class Subject:
         return run
 
     def accuracy(self, variant: Variant, limit: int | None) -> dict | None:
-        """The task's metrics on the easy-VQA test split (demo subjects), at the variant's input size."""
+        """The task's metrics on the test split (demo subjects), at the variant's input size."""
         if not self.bundles:
             return None
         bundle = self.bundles[variant.model]
         bundle = dataclasses.replace(
             bundle, preprocess=dataclasses.replace(bundle.preprocess, size=variant.size)
         )
-        metrics = METRICS[self.task](bundle, self.split, variant.plan, limit)
+        evaluate = scenes_vqa_accuracy if self.data == "scenes" else METRICS[self.task]
+        metrics = evaluate(bundle, self.split, variant.plan, limit)
         if self.task == "retrieval":
             metrics["recall@1"] = (metrics["image_to_text_r1"] + metrics["text_to_image_r1"]) / 2
         return metrics
@@ -142,7 +151,8 @@ def demo_subject(name: str, device: str) -> Subject:
         models={"main": rm},
         variants=variants_of(rm, n_text=text_tokens(rm)),
         bundles={"main": bundle},
-        split=data.load_split("test"),
+        split=load_split(cached_test_split(), "test") if name in SCENES else data.load_split("test"),
+        data="scenes" if name in SCENES else "easy-VQA",
     )
     for slot, other_folder in others.items():  # a model of its own: its levels, no resolution baseline
         other = load_bundle(CHECKPOINTS / other_folder, device=device)

@@ -2,7 +2,7 @@
 Retry-After from the deployment's backpressure config), no replica to take it (503), a proxy
 timeout (408); and a request whose replica died with it gets no answer from the proxy at all
 (its HTTP server then sends a plain-text 500). This middleware, run in the proxy, gives those the
-app's JSON error body, `{"error": {"code": ..., "message": ...}}`, and every 503 a Retry-After,
+app's JSON error body (/v1's, or the protocol's under /v2), and every 503 a Retry-After,
 as every error of the single-process server has; the request a replica took down with it is
 answered 503 `unavailable` (another replica, or its replacement, can take it again).
 
@@ -13,6 +13,8 @@ starts; on a cluster, set it on every node before `ray start` (docs/deploying.md
 from __future__ import annotations
 
 import json
+
+from app.http_errors import protocol
 
 CALLBACK = "app.engines.ray_proxy:middlewares"
 LOST = "the replica serving this request stopped before answering; retry"
@@ -26,13 +28,16 @@ def _header(message: dict, name: bytes) -> bytes | None:
     return None
 
 
-def error_body(status: int, text: str, retry_after: bool) -> bytes:
+def error_body(status: int, text: str, retry_after: bool, path: str = "") -> bytes:
+    """The app's error body for the request's path: /v1's {"error": {"code", "message"}}, or the
+    Open Inference Protocol's {"error": message} under /v2 (app/http_errors.py)."""
     if status == 503:
         code = "overloaded" if retry_after else "unavailable"
     else:
         code = CODES.get(status, "http_error")
     message = text.strip() or f"HTTP {status} from the Ray Serve proxy"
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+    error = message if protocol(path) == "v2" else {"code": code, "message": message}
+    return json.dumps({"error": error}).encode()
 
 
 class JSONErrors:
@@ -63,7 +68,7 @@ class JSONErrors:
                 status = held["status"]
                 retry_after = _header(held, b"retry-after")
                 text = b"".join(chunks).decode("utf-8", "replace")
-                body = error_body(status, text, retry_after is not None)
+                body = error_body(status, text, retry_after is not None, scope.get("path", ""))
                 headers = [
                     (k, v)
                     for k, v in held.get("headers", ())
@@ -79,7 +84,7 @@ class JSONErrors:
 
         await self.app(scope, receive, json_send)
         if not started:  # the replica died with the request: the proxy has nothing to say
-            body = json.dumps({"error": {"code": "unavailable", "message": LOST}}).encode()
+            body = error_body(503, LOST, False, scope.get("path", ""))
             headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
             await send(
                 {"type": "http.response.start", "status": 503, "headers": [*headers, (b"retry-after", b"1")]}

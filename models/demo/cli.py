@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from models.demo.paths import CHECKPOINTS, DEMO_CHECKPOINTS
+from models.demo.paths import CHECKPOINTS, EASY_VQA_CHECKPOINTS
 
 
 def train_demo_command(args: argparse.Namespace) -> None:
@@ -59,7 +59,9 @@ def register(subparsers) -> None:
     train.set_defaults(func=train_demo_command)
 
     ev = subparsers.add_parser("eval", help="accuracy on the easy-VQA test split at every compression level")
-    ev.add_argument("checkpoint", nargs="*", default=[str(CHECKPOINTS / name) for name in DEMO_CHECKPOINTS])
+    ev.add_argument(
+        "checkpoint", nargs="*", default=[str(CHECKPOINTS / name) for name in EASY_VQA_CHECKPOINTS]
+    )
     ev.add_argument("--method", action="append", help="only these methods (default: all that apply)")
     ev.add_argument("--limit", type=int, default=None, help="first N test items only")
     ev.add_argument("--json", default=None, help="also write the results here")

@@ -22,8 +22,9 @@ VIT_CLASSIFY = "vit-classify"
 LOOKUPVIT_CLASSIFY = "lookupvit-classify"
 # The two-stream VQA model trained on the scenes set (`tokenlean train-demo --scenes DIR`).
 TWO_STREAM_SCENES_VQA = "two-stream-scenes-vqa"
-# Every shipped checkpoint, in `tokenlean eval`'s order.
-DEMO_CHECKPOINTS = (*DEFAULTS, VQA, RETRIEVAL, VIT_CLASSIFY, LOOKUPVIT_CLASSIFY)
+# The shipped checkpoints trained on easy-VQA, in `tokenlean eval`'s order, then every shipped one.
+EASY_VQA_CHECKPOINTS = (*DEFAULTS, VQA, RETRIEVAL, VIT_CLASSIFY, LOOKUPVIT_CLASSIFY)
+DEMO_CHECKPOINTS = (*EASY_VQA_CHECKPOINTS, TWO_STREAM_SCENES_VQA)
 
 # Not saved: the ViT classifier after its first phase, which initialises ViLT.
 CLASSIFY_PHASE1 = "classify-phase1"

@@ -58,7 +58,7 @@ SCHEDULES = {
 }
 SCENES_SCHEDULES = {
     "two-stream-scenes-vqa": Schedule(steps=5000, batch=32, lr=1e-3),
-    "two-stream-scenes-text-query": Schedule(steps=1500, batch=64, lr=1e-3),
+    "two-stream-scenes-text-query": Schedule(steps=400, batch=64, lr=1e-3),
 }
 # Text-informed pruning in the tower (`text-evit`): a query projection at each layer EViT prunes
 # at in DINOv2-S/14's 12, trained after the VQA model on this many training images' tower keys.

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_vision
@@ -155,7 +156,10 @@ def test_quick_run_covers_every_method_level_and_baseline(quick_run):
 def test_quick_run_writes_tables_and_plots_from_its_json(quick_run):
     out, results = quick_run
     assert (out / "bench.md").read_text() == report.markdown(results)
-    for name in report.PLOTS.values():
+    for key, name in report.PLOTS.items():
+        if key == "scene_maps":  # drawn for a scenes subject only
+            assert not (out / name).exists()
+            continue
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     table = report.markdown(results)
     first = results["subjects"][0]["variants"][1]
@@ -295,3 +299,49 @@ def test_bookkeeping_clock_sees_both_stages_and_leaves_the_methods_as_they_were(
 def test_no_module_of_the_package_edits_sys_path():
     for path in (ROOT / "bench").glob("*.py"):
         assert "sys.path" not in path.read_text(), path
+
+
+def test_token_maps_grey_what_was_pruned_and_refuse_a_patch_covered_twice():
+    from bench.token_maps import PRUNED, merge_picture, token_of_patch
+
+    # [CLS] + 4 patches (2 x 2): token 1 covers patches 0 and 1, token 2 patch 3, patch 2 is pruned
+    sources = torch.tensor([[1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.float32)
+    tokens = token_of_patch(sources, protected=1, grid=2, complete=False)
+    assert tokens.tolist() == [[1, 1], [PRUNED, 2]]  # token 0 is [CLS]
+    with pytest.raises(AssertionError, match="exactly one"):
+        token_of_patch(sources, protected=1, grid=2)
+    with pytest.raises(AssertionError, match="two tokens"):
+        token_of_patch(torch.tensor([[0, 1, 1, 1, 1], [0, 1, 0, 0, 0]]), protected=1, grid=2, complete=False)
+    image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    picture = merge_picture(image, tokens)
+    assert (picture[2:, :2] == 70).all()  # the pruned patch, dark grey
+    assert (picture[2:, 2:] == image[2:, 2:].reshape(-1, 3).mean(0).astype(np.uint8)).all()  # token 2
+    assert (picture[1, :] == 255).all()  # token 1's lower edge, white
+
+
+def test_breakdown_tables_list_every_variant_by_tag():
+    metrics = {
+        "accuracy": 0.5,
+        "n": 4,
+        "by_type": {"count": {"accuracy": 0.25, "n": 2}, "exist": {"accuracy": 0.75, "n": 2}},
+    }
+    subject = {
+        "variants": [
+            {"method": "none", "level": "none", "flops_ratio": 1.0, "metrics": metrics},
+            {"method": "tome", "level": "high", "flops_ratio": 0.35, "metrics": metrics},
+        ]
+    }
+    table = report.breakdown_table(subject, "by_type", "question type")
+    assert "| method | level | FLOPs | count (2) | exist (2) |" in table
+    assert "| tome | high | 0.35 | 25.0 | 75.0 |" in table
+    assert report.breakdown_table(subject, "by_size", "size") is None
+
+
+def test_scenes_accuracy_breaks_down_by_question_type_and_target_size():
+    from models.demo.evaluate import breakdown
+
+    correct = np.array([True, False, True, True])
+    assert breakdown(correct, ("count", "count", "exist", "exist", "ignored")) == {
+        "count": {"accuracy": 0.5, "n": 2},
+        "exist": {"accuracy": 1.0, "n": 2},
+    }

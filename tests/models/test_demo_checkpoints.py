@@ -32,15 +32,15 @@ def test_checkpoints_are_small_safetensors_only():
     # Models on the pretrained towers ship only what was trained here: the DINOv2-S classifier its
     # head, the two-stream models their fusion layers and heads, stored in fp16 (about 10 MB each);
     # the towers' weights come from installed packages (models/towers.py), never from the
-    # repository. The small 64 px models add 15.5 MB.
-    assert sum(f.stat().st_size for f in files) <= 40 * 1024 * 1024
+    # repository. The small 64 px models add 15.5 MB; the scenes VQA model another 11 MB.
+    assert sum(f.stat().st_size for f in files) <= 48 * 1024 * 1024
     assert (CHECKPOINTS / "classify" / "model.safetensors").stat().st_size < 1024 * 1024
     assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     for name in DEMO_CHECKPOINTS:
         assert (CHECKPOINTS / name / "model.safetensors").is_file()
     for config in CHECKPOINTS.rglob("config.json"):  # nothing of the machine that trained them
         assert '"/' not in config.read_text(), config
-    for name in ("two-stream-vqa", "two-stream-retrieval"):
+    for name in ("two-stream-vqa", "two-stream-retrieval", "two-stream-scenes-vqa"):
         with safe_open(CHECKPOINTS / name / "model.safetensors", "pt") as f:
             assert not [k for k in f.keys() if k.startswith(("two_stream.vision.", "two_stream.text."))]
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
@@ -51,6 +51,7 @@ def test_checkpoints_are_small_safetensors_only():
     [
         ("two-stream-vqa", "vqa"),
         ("two-stream-retrieval", "retrieval"),
+        ("two-stream-scenes-vqa", "vqa"),
         ("vqa", "vqa"),
         ("retrieval", "retrieval"),
         ("classify", "classify"),
@@ -165,3 +166,10 @@ def test_lookupvit_alone_starts_from_the_saved_classifier(tmp_path):
 def test_demo_cli_imports_no_torch():
     code = "import sys, models.demo.cli; assert not {'torch', 'transformers', 'numpy'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_the_scenes_model_offers_text_informed_pruning_in_its_tower():
+    rm = load_bundle(CHECKPOINTS / "two-stream-scenes-vqa").model
+    assert rm.methods == ("pumer", "tome", "tcvit", "evit", "text-evit")
+    assert list(rm.base.config.text_query_layers) == [3, 6, 9]
+    assert rm.flops(named_plan(rm, "high", "text-evit")) == rm.flops(named_plan(rm, "high", "evit"))

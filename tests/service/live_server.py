@@ -73,12 +73,17 @@ class LiveServer:
             raise
 
 
+# Settings a live server takes from the test session (tests/conftest.py lifts the admission
+# limits); every other TOKENLEAN_* variable of the environment is dropped.
+INHERITED = ("TOKENLEAN_BATCHING__MAX_EVENT_LOOP_LAG_MS", "TOKENLEAN_BATCHING__MAX_QUEUE_WAIT_MS")
+
+
 def start(tmp: Path, **env: str) -> LiveServer:
-    """A server on a free port with JSON logs in tmp/serve.log and these TOKENLEAN_* settings;
-    returns once /readyz answers 200."""
+    """A server on a free port with JSON logs in tmp/serve.log and these TOKENLEAN_* settings (and
+    the session's INHERITED ones); returns once /readyz answers 200."""
     port = free_port()
     log = tmp / f"serve-{port}.log"
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENLEAN_")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENLEAN_") or k in INHERITED}
     full_env.update({"TOKENLEAN_PORT": str(port), "TOKENLEAN_LOG_FORMAT": "json", **env})
     with log.open("wb") as out:
         proc = subprocess.Popen([*command(), "serve"], env=full_env, stdout=out, stderr=subprocess.STDOUT)

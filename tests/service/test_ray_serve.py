@@ -469,8 +469,8 @@ def test_the_replica_header_names_every_response_errors_included():
         assert (r.status_code, r.headers.get(HEADER)) == (status, "r1")
 
 
-def run_asgi(app, messages: list[dict]) -> list[dict]:
-    """Messages an ASGI app sends for one GET, the inner app sending `messages`."""
+def run_asgi(app, messages: list[dict], path: str = "/v1/vqa") -> list[dict]:
+    """Messages an ASGI app sends for one GET of `path`, the inner app sending `messages`."""
     sent = []
 
     async def inner(scope, receive, send):
@@ -483,7 +483,7 @@ def run_asgi(app, messages: list[dict]) -> list[dict]:
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "method": "GET", "path": "/v1/vqa", "headers": []}
+    scope = {"type": "http", "method": "GET", "path": path, "headers": []}
     asyncio.run(app(inner)(scope, receive, send))
     return sent
 
@@ -491,7 +491,7 @@ def run_asgi(app, messages: list[dict]) -> list[dict]:
 def test_the_proxys_own_errors_become_the_apps_json_errors():
     from ray.serve._private.http_util import convert_object_to_asgi_messages
 
-    from app.engines.ray_proxy import JSONErrors, middlewares
+    from app.engines.ray_proxy import LOST, JSONErrors, middlewares
 
     assert [m.cls for m in middlewares()] == [JSONErrors]
     cases = [
@@ -518,6 +518,9 @@ def test_the_proxys_own_errors_become_the_apps_json_errors():
         error = json.loads(body["body"])["error"]
         assert error["code"] == code and error["message"]
         assert int(headers["content-length"]) == len(body["body"])
+    # under /v2, the Open Inference Protocol's error body
+    start, body = run_asgi(JSONErrors, [], path="/v2/models/vqa/infer")
+    assert start["status"] == 503 and json.loads(body["body"]) == {"error": LOST}
     # the app's own answers pass untouched, errors included
     own = convert_object_to_asgi_messages({"error": {"code": "invalid_request", "message": "x"}}, 422)
     assert run_asgi(JSONErrors, own) == own

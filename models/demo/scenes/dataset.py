@@ -242,10 +242,15 @@ def cached_test_split(seed: int = 0) -> Path:
     folder = cache_root() / f"scenes-v{VERSION}-seed{seed}"
     if not (folder / "manifest.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(folder.name + ".*"):  # left by an interrupted run
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + "."))
-        generate(
-            tmp, seed=seed, scenes={"train": 0, "val": 0, "test": DEFAULT_SCENES["test"]}, progress=False
-        )
-        shutil.rmtree(folder, ignore_errors=True)  # a partial folder of an interrupted run
+        try:
+            scenes = {"train": 0, "val": 0, "test": DEFAULT_SCENES["test"]}
+            generate(tmp, seed=seed, scenes=scenes, progress=False)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     return folder
