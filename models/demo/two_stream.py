@@ -223,8 +223,8 @@ def train_text_query(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: T
         truncation=True,
         return_tensors="pt",
     )
-    scale = rm.tower.blocks[layers[0]].q.out_features // rm.tower.blocks[layers[0]].num_heads
-    scale = scale**-0.5
+    block = rm.tower.blocks[layers[0]]
+    scale = (block.q.out_features // block.num_heads) ** -0.5
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)

@@ -111,12 +111,10 @@ class TwoStreamTransformer(ReducibleModel):
     def methods(self) -> tuple[str, ...]:
         """The family's methods, less the text-informed ones unless the model has a text query at
         every layer their tower method prunes at."""
-        return tuple(
-            m
-            for m in self.family.methods
-            if not get_method(m, TWO_STREAM).text_informed
-            or self.queries_cover(get_method(m, TWO_STREAM).tower)
-        )
+        return tuple(m for m in self.family.methods if self.offers(get_method(m, TWO_STREAM)))
+
+    def offers(self, method) -> bool:
+        return not method.text_informed or self.queries_cover(method.tower)
 
     def queries_cover(self, tower_method: str) -> bool:
         """Every tower layer `tower_method`'s plans prune at has a text query (computed once)."""
