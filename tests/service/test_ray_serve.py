@@ -302,9 +302,12 @@ def test_a_killed_replica_is_replaced_while_requests_keep_succeeding(served, clu
                     if status == 200:
                         assert_same(comparable(r.json()), reference_answers[i % len(cases)], path)
                     else:  # JSON, from the app or from the proxy (app/engines/ray_proxy.py)
-                        try:
-                            errors.append(f"{status} {r.json()['error']['code']}")
-                        except (ValueError, KeyError, TypeError):
+                        try:  # /v1's {"error": {"code": ...}} or /v2's {"error": "..."}
+                            error = r.json()["error"]
+                            v2 = path.startswith("/v2/")
+                            assert isinstance(error, str if v2 else dict), error
+                            errors.append(f"{status} {'v2' if v2 else error['code']}")
+                        except (ValueError, KeyError, TypeError, AssertionError):
                             errors.append(f"{status} not JSON: {r.text[:200]!r}")
                 except httpx.HTTPError as exc:
                     status, replica = 0, None
