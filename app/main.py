@@ -16,6 +16,7 @@ from app import __version__, http_errors
 from app.images import PixelBudget
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics
+from app.playground import install as install_playground
 from app.routes import ops, v1_router
 from app.service import TaskService, inference_thread
 from app.settings import Settings
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None, factory: ServiceFactory = defau
     app.include_router(ops)
     app.include_router(v1_router(settings.limits))
     install_v2(app)  # the Open Inference Protocol v2: /v2, /v2/health/..., /v2/models/...
+    install_playground(app)  # the page at /playground (and / pointing there)
     app.openapi = lambda: openapi(app)
     return app
 

@@ -47,6 +47,8 @@ _COMPRESSION_FIELDS = {
     "compression": {"type": "string", "description": schemas.COMPRESSION_DOC},
     "method": {"type": "string"},
     "deadline_ms": {"type": "integer", "description": schemas.DEADLINE_DOC},
+    "return_token_map": {"type": "boolean", "description": schemas.TOKEN_MAP_DOC},
+    "token_map_layer": {"type": "integer", "description": schemas.TOKEN_MAP_LAYER_DOC},
 }
 _FILE = {"type": "string", "format": "binary"}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 IMAGE_DOC = (
     "base64 image (PNG, JPEG, WebP, BMP, GIF; whitespace and line breaks are ignored), or a "
@@ -16,6 +16,14 @@ IMAGE_DOC = (
 PNG_EXAMPLE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 COMPRESSION_DOC = "none | low | medium | high, or the fraction of encoder FLOPs to remove in [0, 0.9]"
 DEADLINE_DOC = "server-side deadline: answered 504 if not started by then"
+TOKEN_MAP_DOC = (
+    "return `token_map`: which input patches each token of one layer stands for (off by default; "
+    "the torch backend only)"
+)
+TOKEN_MAP_LAYER_DOC = (
+    "with `return_token_map`: the layer whose tokens are mapped, an index into `tokens.per_layer` "
+    "(0: the input; default: the last, after the last layer)"
+)
 
 
 def _unicode_text(value: Any) -> Any:
@@ -51,6 +59,7 @@ Name = Annotated[str, BeforeValidator(_unicode_text), Field(max_length=64)]
 Compression = Annotated[Annotated[str, Field(max_length=32)] | float | None, BeforeValidator(_compression)]
 TopK = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
 DeadlineMs = Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=600_000)]
+Layer = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
 
 
 class TaskRequest(BaseModel):
@@ -60,6 +69,14 @@ class TaskRequest(BaseModel):
         default=None, description="reduction method; default: the model's", examples=["pumer"]
     )
     deadline_ms: DeadlineMs | None = Field(default=None, description=DEADLINE_DOC)
+    return_token_map: bool = Field(default=False, description=TOKEN_MAP_DOC)
+    token_map_layer: Layer | None = Field(default=None, description=TOKEN_MAP_LAYER_DOC)
+
+    @model_validator(mode="after")
+    def _token_map_layer_needs_map(self) -> TaskRequest:
+        if self.token_map_layer is not None and not self.return_token_map:
+            raise ValueError("token_map_layer needs return_token_map: true")
+        return self
 
 
 class ScoredLabel(BaseModel):
@@ -97,6 +114,21 @@ class Timings(BaseModel):
     total_ms: float
 
 
+class TokenMap(BaseModel):
+    """Which input patches each token of one layer stands for. Its size is bounded by the model's
+    patch grid (images are resized to the model's input size)."""
+
+    layer: int = Field(description="index into `tokens.per_layer`: the tokens entering that layer")
+    grid: list[int] = Field(description="[rows, columns] of the input patch grid")
+    tokens: int = Field(description="tokens of that layer that cover image patches")
+    token_of_patch: list[int] = Field(
+        description="one value per patch, in raster order (rows x columns): the token covering it, "
+        "numbered 0 .. tokens - 1 in the layer's token order (merged patches share a number), or -1 "
+        "where the patch was pruned. LookupViT: its compressed tokens, each patch under the one whose "
+        "cell of the compressed grid holds the patch's centre"
+    )
+
+
 class Report(BaseModel):
     model: str
     compression: CompressionReport
@@ -104,3 +136,7 @@ class Report(BaseModel):
     flops: FlopsReport
     timings: Timings
     batch_size: int = Field(description="rows in the model call this request shared")
+    token_map: TokenMap | None = Field(
+        default=None,
+        description="with `return_token_map`: the image's token map (retrieval: of the best-ranked pair)",
+    )

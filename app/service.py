@@ -115,6 +115,7 @@ class TaskService:
             pixels=pixels,
             text_length=self.backend.text_length,
             image_size=self.bundle.preprocess.size,
+            token_map_layers=self.model.num_layers if self.backend.token_maps else None,
         )
 
     def _batch_model(self, plan: ReductionPlan, traces: list) -> BatchModel:
@@ -123,7 +124,12 @@ class TaskService:
             traces.append(out)
             return out.logits
 
-        return BatchModel(forward, self.labels, self.bundle.single_label)
+        def mapped(pixels, texts, text_length, layer):
+            out = self.backend.run(plan, pixels, texts, text_length, token_map_layer=layer)
+            traces.append(out)
+            return out.logits, out.token_maps
+
+        return BatchModel(forward, self.labels, self.bundle.single_label, mapped)
 
     def _run_batch(
         self, key: tuple[ReductionPlan, Any], items: list[Any], observe: bool = True

@@ -73,9 +73,18 @@ class ModelBundle:
         return {name: named[name] for name in self.model.input_names}
 
     def forward(
-        self, pixels: torch.Tensor, texts: list[str] | None, plan: ReductionPlan, length: int | None = None
+        self,
+        pixels: torch.Tensor,
+        texts: list[str] | None,
+        plan: ReductionPlan,
+        length: int | None = None,
+        track_source: bool = False,
     ) -> ReducedOutput:
-        return self.model(**self.inputs(pixels, texts, length), plan=plan)
+        """track_source: also which input patches each token covers (token maps)."""
+        inputs = self.inputs(pixels, texts, length)
+        if track_source:
+            return self.model(**inputs, plan=plan, track_source=True)
+        return self.model(**inputs, plan=plan)
 
 
 def load_bundle(name_or_path: str | Path, device: str = "cpu") -> ModelBundle:

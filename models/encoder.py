@@ -45,7 +45,8 @@ class Tokens:
     tokens are text (ViLT); the rest are image tokens. unit_size: no token was merged yet, so
     proportional attention has nothing to add. query (B, layers, D) or None: a per-layer query
     from outside the stream (a two-stream model's question, in this encoder's width) that a
-    text-informed reducer scores tokens by.
+    text-informed reducer scores tokens by. source_by_layer: when sources are tracked, the source
+    entering each layer run so far (then after the last): what token maps are drawn from.
     """
 
     x: torch.Tensor
@@ -55,6 +56,7 @@ class Tokens:
     n_text: int = 0
     unit_size: bool = True
     query: torch.Tensor | None = None
+    source_by_layer: tuple[torch.Tensor, ...] = ()
 
     @property
     def n_image(self) -> int:
@@ -62,6 +64,12 @@ class Tokens:
 
     def reduced(self, **changes) -> Tokens:
         return replace(self, unit_size=False, **changes)
+
+    def source_recorded(self) -> Tokens:
+        """These tokens with their current source appended to source_by_layer (when tracked)."""
+        if self.source is None:
+            return self
+        return replace(self, source_by_layer=(*self.source_by_layer, self.source))
 
 
 def initial_tokens(
@@ -72,7 +80,7 @@ def initial_tokens(
     source = None
     if track_source:
         source = torch.eye(n, dtype=x.dtype, device=x.device).expand(b, n, n)
-    return Tokens(x=x, size=size, source=source, valid=valid, n_text=n_text)
+    return Tokens(x=x, size=size, source=source, valid=valid, n_text=n_text).source_recorded()
 
 
 class AttentionView:
@@ -132,6 +140,6 @@ def run_encoder(
 
         x = tokens.x
         mlp = block.mlp(block.norm2(x))
-        tokens = replace(tokens, x=x + (block.ls2(mlp) if block.ls2 is not None else mlp))
+        tokens = replace(tokens, x=x + (block.ls2(mlp) if block.ls2 is not None else mlp)).source_recorded()
         counts.append((tokens.n_text, tokens.n_image))
     return tokens, counts

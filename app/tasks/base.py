@@ -36,6 +36,9 @@ class DecodeContext:
     pixels: Callable[[list[bytes]], Awaitable[np.ndarray]]  # bytes -> (N, 3, H, W) float32
     text_length: Callable[[list[str]], int]  # tokens a batch holding these texts is padded to
     image_size: int
+    # Token maps may be asked for at layers 0 .. token_map_layers (the model's layers); None: this
+    # backend cannot return them.
+    token_map_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,16 @@ class BatchModel:
     ]  # (pixels, texts, text length) -> logits
     labels: list[str]
     single_label: bool
+    # (pixels, texts, text length, layer) -> (logits, one token map per row, each with to_dict())
+    mapped: Callable[[np.ndarray, list[str] | None, int, int], tuple[np.ndarray, tuple]] | None = None
+
+    def run(
+        self, pixels: np.ndarray, texts: list[str] | None, text_length: int, token_map_layer: int | None
+    ) -> tuple[np.ndarray, tuple | None]:
+        """Logits, and the rows' token maps at `token_map_layer` when it is not None."""
+        if token_map_layer is None:
+            return self.forward(pixels, texts, text_length), None
+        return self.mapped(pixels, texts, text_length, token_map_layer)
 
 
 class Task(ABC):
@@ -85,8 +98,11 @@ class Task(ABC):
         """A validated body and its raw images -> one item; InvalidInput etc. on bad input."""
 
     def batch_key(self, item: Any) -> Hashable:
-        """Items share a batch only with equal keys (and the same plan)."""
-        return getattr(item, "text_length", 0)
+        """Items share a batch only with equal keys (and the same plan): the padded text length,
+        and the token map's layer when one is asked for."""
+        length = getattr(item, "text_length", 0)
+        layer = getattr(item, "token_map_layer", None)
+        return length if layer is None else (length, layer)
 
     def weight(self, item: Any) -> int:
         """Rows of the model batch this item needs."""
@@ -116,6 +132,25 @@ def warmup_pixels(ctx: DecodeContext, count: int) -> list[np.ndarray]:
     model that runs its vision tower once per distinct image."""
     rng = np.random.default_rng(0)
     return [rng.standard_normal((3, ctx.image_size, ctx.image_size), dtype=np.float32) for _ in range(count)]
+
+
+def token_map_layer(body: BaseModel, ctx: DecodeContext) -> int | None:
+    """The layer a request wants its token map at (default: the last), None when it wants none."""
+    if not getattr(body, "return_token_map", False):
+        return None
+    if ctx.token_map_layers is None:
+        raise InvalidInput("return_token_map: this server's backend cannot return token maps (torch can)")
+    layer = body.token_map_layer
+    if layer is None:
+        return ctx.token_map_layers
+    if layer > ctx.token_map_layers:
+        raise InvalidInput(f"token_map_layer: at most {ctx.token_map_layers} (after the last layer)")
+    return layer
+
+
+def token_map_field(token_map: Any) -> dict:
+    """The response's `token_map` field, when the request asked for one."""
+    return {} if token_map is None else {"token_map": token_map.to_dict()}
 
 
 def check_top_k(top_k: int, limits) -> None:

@@ -10,7 +10,16 @@ from pydantic import BaseModel, Field, model_validator
 
 from app.errors import InvalidInput
 from app.schemas import IMAGE_DOC, PNG_EXAMPLE, Report, TaskRequest, Text
-from app.tasks.base import BatchModel, Task, TensorSpec, register_task, softmax, warmup_pixels
+from app.tasks.base import (
+    BatchModel,
+    Task,
+    TensorSpec,
+    register_task,
+    softmax,
+    token_map_field,
+    token_map_layer,
+    warmup_pixels,
+)
 
 _FILE = {"type": "string", "format": "binary"}
 
@@ -67,6 +76,7 @@ class RetrievalItem:
     texts: tuple[str, ...]  # N texts: candidates, or one query repeated
     candidates: tuple  # what is ranked (the texts or image indices)
     text_length: int
+    token_map_layer: int | None = None  # the token map asked for; part of the batch key
 
 
 def ranked(logits: np.ndarray, candidates: tuple) -> list[dict]:
@@ -120,28 +130,34 @@ class Retrieval(Task):
         if any(len(t) > limits.max_question_chars for t in texts):
             raise InvalidInput(f"texts: at most {limits.max_question_chars} characters each")
         length = ctx.text_length(texts)
+        layer = token_map_layer(body, ctx)
         if body.texts is not None:
             image = await ctx.pixels(images["image"][:1])
             pixels = np.broadcast_to(image, (len(texts), *image.shape[1:]))
-            return RetrievalItem(pixels, tuple(texts), tuple(texts), length)
+            return RetrievalItem(pixels, tuple(texts), tuple(texts), length, layer)
         pixels = await ctx.pixels(images["images"])
-        return RetrievalItem(pixels, (body.text,) * len(pixels), tuple(range(len(pixels))), length)
+        return RetrievalItem(pixels, (body.text,) * len(pixels), tuple(range(len(pixels))), length, layer)
 
     def weight(self, item: RetrievalItem) -> int:
         return len(item.texts)
 
     def run(self, model: BatchModel, items: list[RetrievalItem]) -> list:
+        """(ranking, token map of the best-ranked pair or None) per item."""
         pixels = np.concatenate([i.pixels for i in items])
         texts = [t for i in items for t in i.texts]
-        logits = model.forward(pixels, texts, items[0].text_length)[:, 0]
+        first = items[0]
+        logits, maps = model.run(pixels, texts, first.text_length, first.token_map_layer)
+        logits = logits[:, 0]
         results, start = [], 0
         for item in items:
             n = len(item.texts)
-            results.append(ranked(logits[start : start + n], item.candidates))
+            ranking = ranked(logits[start : start + n], item.candidates)
+            results.append((ranking, maps[start + ranking[0]["index"]] if maps else None))
             start += n
         return results
 
     def encode(self, body, result) -> dict:
+        ranking, token_map = result
         rows = [
             {
                 "index": r["index"],
@@ -149,9 +165,9 @@ class Retrieval(Task):
                 "score": r["score"],
                 "probability": r["probability"],
             }
-            for r in result
+            for r in ranking
         ]
-        return {"ranking": rows}
+        return {"ranking": rows, **token_map_field(token_map)}
 
     def v2_tensors(self, fields: dict) -> dict[str, list]:
         rows = fields["ranking"]

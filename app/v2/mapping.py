@@ -20,10 +20,15 @@ def metadata(spec: TensorSpec) -> dict:
     return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
 
 
+# /v1 only: a token map (a patch grid) is no tensor of a task's v2 model.
+V1_ONLY = ("return_token_map", "token_map_layer")
+
+
 def parameter_names(task: Task) -> list[str]:
-    """The request fields that come as parameters: every field that is not an input tensor."""
+    """The request fields that come as parameters: every field that is not an input tensor (nor
+    /v1 only)."""
     inputs = {spec.name for spec in task.v2_inputs}
-    return [name for name in task.request.model_fields if name not in inputs]
+    return [name for name in task.request.model_fields if name not in inputs and name not in V1_ONLY]
 
 
 def request_body(task: Task, request: InferRequest, max_upload_bytes: int) -> tuple[BaseModel, dict]:

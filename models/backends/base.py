@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from models.plan import LEVELS, ReductionPlan
+from models.token_map import TokenMap
 from models.trace import Trace
 
 if TYPE_CHECKING:
@@ -29,10 +30,13 @@ class BatchOutput:
     logits: np.ndarray  # float32, one row per input row
     trace: Trace
     peak_memory_bytes: int | None = None  # accelerator memory peak of this call, when measured
+    token_maps: tuple[TokenMap, ...] | None = None  # one per row, when asked for
 
 
 class Backend(ABC):
     name: ClassVar[str]
+    # run(..., token_map_layer=...) returns token maps (models/token_map.py); graph backends cannot.
+    token_maps: ClassVar[bool] = False
 
     def __init__(self, bundle: ModelBundle, task: str, export_dir: str | None = None):
         """Load for one checkpoint (`bundle`) serving `task`; graph backends read `export_dir`."""
@@ -60,7 +64,9 @@ class Backend(ABC):
     def run(
         self, plan: ReductionPlan, pixels: np.ndarray, texts: list[str] | None, text_length: int
     ) -> BatchOutput:
-        """Logits for rows (pixels[i], texts[i]); texts padded to text_length tokens."""
+        """Logits for rows (pixels[i], texts[i]); texts padded to text_length tokens. A backend
+        with `token_maps` also takes `token_map_layer` (int or None): then it returns each row's
+        token map at that layer."""
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.bundle.device)}

@@ -18,13 +18,18 @@ from models.encoder import Block, Reducer
 from models.plan import NO_REDUCTION, LayerSpec, ReductionPlan
 from models.reduction.flops import encoder_flops
 from models.reduction.registry import get_method, methods_for
+from models.token_map import TokenMap, token_maps
 from models.trace import Trace
 
 
 @dataclass
 class ReducedOutput:
     """Outputs of a reduced forward. last_hidden_state has the reduced token count; `sizes` says how
-    many input tokens each of its tokens stands for, `sources` which ones (when tracked)."""
+    many input tokens each of its tokens stands for, `sources` which ones (when tracked).
+
+    With track_source, patch_sources: for each layer (tokens entering it, then after the last, as
+    the trace counts them), which input image patches each token covers, (B, N_layer, P), and
+    patch_grid: the (rows, columns) of those P patches (models/token_map.py)."""
 
     last_hidden_state: torch.Tensor
     sizes: torch.Tensor
@@ -33,6 +38,8 @@ class ReducedOutput:
     logits: torch.Tensor | None = None
     sources: torch.Tensor | None = None
     text_valid: torch.Tensor | None = None
+    patch_sources: tuple[torch.Tensor, ...] | None = None
+    patch_grid: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +237,15 @@ class ReducibleModel(ABC):
 
     def parameters_dtype(self) -> torch.dtype:
         return self.blocks[0].q.weight.dtype
+
+    def token_maps(self, out: ReducedOutput, layer: int) -> list[TokenMap]:
+        """One token map per row of a forward run with track_source=True, at `layer` (an index into
+        the trace's per-layer counts: 0 .. num_layers)."""
+        if out.patch_sources is None or out.patch_grid is None:
+            raise ValueError("token maps need a forward with track_source=True")
+        if not 0 <= layer < len(out.patch_sources):
+            raise ValueError(f"token map layer must be in [0, {len(out.patch_sources) - 1}], got {layer}")
+        return token_maps(out.patch_sources[layer].float().cpu().numpy(), out.patch_grid, layer)
 
     @abstractmethod
     def __call__(self, *args, plan: ReductionPlan = NO_REDUCTION, **kwargs) -> ReducedOutput: ...

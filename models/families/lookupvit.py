@@ -12,7 +12,12 @@ from torch import nn
 
 from models.families.base import ModelFamily, ReducedOutput, ReducibleModel
 from models.families.registry import register_family
-from models.lookupvit import ARCHITECTURES, LookupViTForImageClassification, LookupViTModel, block_flops
+from models.lookupvit import (
+    ARCHITECTURES,
+    LookupViTForImageClassification,
+    LookupViTModel,
+    block_flops,
+)
 from models.plan import NO_REDUCTION, ReductionPlan
 from models.reduction.registry import GRID
 from models.trace import Trace
@@ -95,9 +100,9 @@ class LookupViT(ReducibleModel):
         self, pixel_values: torch.Tensor, plan: ReductionPlan = NO_REDUCTION, track_source: bool = False
     ) -> ReducedOutput:
         """last_hidden_state: the final compressed tokens (each stands for N / M patches); logits:
-        the mean of the two heads (classification models)."""
-        if track_source:
-            raise ValueError("LookupViT has no merge sources: its compressed tokens are resized grids")
+        the mean of the two heads (classification models). track_source: patch_sources assign
+        each patch to the compressed token its resize draws on most (the same in every layer);
+        there are no merge `sources`."""
         self.check_plan(plan)
         grid = self.grid(plan)
         out = self.model(pixel_values, grid=grid)
@@ -109,7 +114,21 @@ class LookupViT(ReducibleModel):
             trace=self.make_trace(plan),
             pooler_output=seq.mean(dim=1),
             logits=getattr(out, "logits", None),
+            **self.patch_sources(grid, seq.shape[0], seq.device) if track_source else {},
         )
+
+    def patch_sources(self, grid: int, batch: int, device: torch.device) -> dict:
+        """Each patch (lookup token) goes to the compressed token whose cell of the resized grid
+        its centre lies in: one block of patches per compressed token, the same in every layer."""
+        side = self.config.lookup_grid
+        cell = ((torch.arange(side, device=device) + 0.5) * grid / side).long()  # per patch row / column
+        owner = (cell[:, None] * grid + cell[None, :]).flatten()
+        sources = torch.zeros(grid * grid, side * side, device=device)
+        sources[owner, torch.arange(side * side, device=device)] = 1.0
+        return {
+            "patch_sources": (sources.expand(batch, -1, -1),) * (self.num_layers + 1),
+            "patch_grid": (side, side),
+        }
 
 
 class LookupViTFamily(ModelFamily):

@@ -231,7 +231,7 @@ class TwoStreamTransformer(ReducibleModel):
                     plan.weighted_merge,
                 )
             t, i = layer.feed_forward(text.x, image.x)
-            text, image = replace(text, x=t), replace(image, x=i)
+            text, image = replace(text, x=t), replace(image, x=i).source_recorded()
             counts.append((text.x.shape[1], image.x.shape[1]))
         return text, image
 
@@ -279,6 +279,11 @@ class TwoStreamTransformer(ReducibleModel):
         text, image = self.fuse(text, image, plan, counts)
         t, i, pooled = self.base.pool(text.x, image.x, text_weight(text))
         logits = self.model.head(pooled) if self.head is not None else None
+        maps = {}
+        if track_source:  # the tower's layers, then the fusion layers' image tokens
+            fusion = tuple(s[:, :, self.tower.protected :] for s in image.source_by_layer)
+            tower = tuple(expand(s, image_rows) for s in vision.patch_sources)
+            maps = {"patch_sources": tower + fusion, "patch_grid": vision.patch_grid}
         return ReducedOutput(
             last_hidden_state=torch.cat([t, i], dim=1),
             sizes=torch.cat([text.size, image.size], dim=1),
@@ -287,6 +292,7 @@ class TwoStreamTransformer(ReducibleModel):
             logits=logits,
             sources=image.source,
             text_valid=text.valid,
+            **maps,
         )
 
 

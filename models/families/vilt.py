@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.encoder import Block, initial_tokens, run_encoder
+from models.encoder import Block, Tokens, initial_tokens, run_encoder
 from models.families.base import ModelFamily, PlanGraph, RandomConfig, ReducedOutput, ReducibleModel
 from models.families.registry import register_family
 from models.plan import NO_REDUCTION, ReductionPlan
@@ -73,11 +73,11 @@ class ViltTransformer(ReducibleModel):
     def max_text_tokens(self) -> int:
         return self.base.config.max_position_embeddings
 
-    def embed_image(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
-        emb = self.base.embeddings
-        cfg = self.base.config
-        patches = emb.patch_embeddings(pixel_values)  # (B, D, h, w)
-        b, d, h, w = patches.shape
+    def image_layout(
+        self, h: int, w: int, pixel_mask: torch.Tensor | None, device: torch.device
+    ) -> tuple[int, int, torch.Tensor | None]:
+        """(rows, columns) of the valid patches of an h x w patch grid, and the raster indices of
+        the patches kept when there are more than config.max_image_length (None: all)."""
         valid_h, valid_w = h, w
         if pixel_mask is not None:
             mask = nn.functional.interpolate(pixel_mask[:, None].float(), size=(h, w)).long()[:, 0]
@@ -85,16 +85,45 @@ class ViltTransformer(ReducibleModel):
             if not (bool((rows == rows[0]).all()) and bool((cols == cols[0]).all())):
                 raise ValueError("all images in a batch must have the same size; resize them to one size")
             valid_h, valid_w = int(rows[0]), int(cols[0])
+        limit = self.base.config.max_image_length
+        keep = None
+        if isinstance(limit, int) and 0 < limit < valid_h * valid_w:
+            keep = torch.linspace(0, valid_h * valid_w - 1, limit, device=device).round().long()
+        return valid_h, valid_w, keep
+
+    def embed_image(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
+        emb = self.base.embeddings
+        cfg = self.base.config
+        patches = emb.patch_embeddings(pixel_values)  # (B, D, h, w)
+        b, d, h, w = patches.shape
+        valid_h, valid_w, keep = self.image_layout(h, w, pixel_mask, patches.device)
         grid = cfg.image_size // cfg.patch_size
         spatial = emb.position_embeddings[:, 1:].transpose(1, 2).reshape(1, d, grid, grid)
         pos = nn.functional.interpolate(spatial, size=(valid_h, valid_w), mode="bilinear", align_corners=True)
         x = (patches[:, :, :valid_h, :valid_w] + pos).flatten(2).transpose(1, 2)
-        limit = cfg.max_image_length
-        if isinstance(limit, int) and 0 < limit < x.shape[1]:
-            keep = torch.linspace(0, x.shape[1] - 1, limit, device=x.device).round().long()
+        if keep is not None:
             x = x[:, keep]
         cls = (emb.cls_token + emb.position_embeddings[:, :1]).expand(b, -1, -1)
         return torch.cat([cls, x], dim=1)
+
+    def patch_sources(
+        self, tokens: Tokens, counts: list[tuple[int, int]], pixel_values: torch.Tensor, pixel_mask
+    ) -> dict:
+        """ReducedOutput's patch_sources and patch_grid: each layer's image tokens (after its text
+        tokens) over the image patches' columns (after the text tokens' and the image [CLS]'s);
+        patches left out by max_image_length are covered by no token."""
+        patch = self.base.config.patch_size
+        h, w = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+        valid_h, valid_w, keep = self.image_layout(h, w, pixel_mask, pixel_values.device)
+        first = counts[0][0] + 1
+        sources = []
+        for (n_text, _), source in zip(counts, tokens.source_by_layer, strict=True):
+            image = source[:, n_text:, first:]
+            if keep is not None:
+                full = image.new_zeros(*image.shape[:2], valid_h * valid_w)
+                image = full.index_copy(2, keep, image)
+            sources.append(image)
+        return {"patch_sources": tuple(sources), "patch_grid": (valid_h, valid_w)}
 
     def embed(
         self, input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask, image_token_type_idx
@@ -152,6 +181,7 @@ class ViltTransformer(ReducibleModel):
             logits=logits,
             sources=tokens.source,
             text_valid=text_valid,
+            **self.patch_sources(tokens, counts, pixel_values, pixel_mask) if track_source else {},
         )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from models.encoder import Block, initial_tokens, run_encoder
+from models.encoder import Block, Tokens, initial_tokens, run_encoder
 from models.families.base import ModelFamily, RandomConfig, ReducedOutput, ReducibleModel, linears
 from models.families.registry import register_family
 from models.plan import NO_REDUCTION, ReductionPlan
@@ -187,7 +187,16 @@ class VisionTransformer(ReducibleModel):
             pooler_output=pooled,
             logits=logits,
             sources=tokens.source,
+            **self.patch_sources(tokens, pixel_values) if track_source else {},
         )
+
+    def patch_sources(self, tokens: Tokens, pixel_values: torch.Tensor) -> dict:
+        """ReducedOutput's patch_sources and patch_grid: the sources' columns after the protected
+        tokens are the patches, in raster order."""
+        patch = self.config.patch_size
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        sources = tuple(s[:, :, self.protected :] for s in tokens.source_by_layer)
+        return {"patch_sources": sources, "patch_grid": grid}
 
 
 class VisionFamily(ModelFamily):
