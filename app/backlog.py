@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterable
 
 QUANTILE = 0.95  # of the recent observed / fitted ratios: how much slower than the fit a batch may run
 WINDOW = 64  # recent batches those ratios are taken from
@@ -83,18 +83,30 @@ class BatchCost:
 class CostTable:
     """One task's batch costs, per batch key (the plan and the padded text length: levels and text
     lengths cost differently). A key predicts from its own line once it has `min_observed`
-    batches; until then from the line of every key of the task pooled. The spread is the task's:
+    batches; until then from its group's line when `group` (key -> group: the plan) is given and
+    the group has `min_group` batches, else from the line of every key of the task pooled. The
+    groups' lines are the task's latency profile (`profile`: seconds per plan and batch size),
+    calibrated at warm-up and learnt from every batch, like every line here: decaying, and robust
+    to a stall (clipped before it enters the fit). The spread is the task's:
     the `quantile` of how far the last `window` batches ran over what their key predicted before
     they ran (a contention slows every key alike, and shows after a few batches of any of them).
     At most `max_keys` keys are kept (numeric compression targets make many plans), the least
     recently used go first."""
 
     def __init__(
-        self, min_observed: int = 8, max_keys: int = 64, quantile: float = QUANTILE, window: int = WINDOW
+        self,
+        min_observed: int = 8,
+        max_keys: int = 64,
+        quantile: float = QUANTILE,
+        window: int = WINDOW,
+        group: Callable[[Hashable], Hashable] | None = None,
+        min_group: int = 2,
     ):
         self.min_observed, self.max_keys, self.quantile = min_observed, max_keys, quantile
+        self.group, self.min_group = group, min_group
         self.pooled = BatchCost()
         self._by_key: OrderedDict[Hashable, BatchCost] = OrderedDict()
+        self._by_group: OrderedDict[Hashable, BatchCost] = OrderedDict()
         self._ratios: deque[float] = deque(maxlen=window)
         self.spread = 1.0
         self._lock = threading.Lock()  # observed on the model thread, read on the event loop
@@ -111,15 +123,38 @@ class CostTable:
                 ordered = sorted([*self._ratios, *[1.0] * (PRIOR - len(self._ratios))])
                 self.spread = max(1.0, ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))])
             self.pooled.observe(rows, seconds)
-            cost = self._by_key.pop(key, None) or BatchCost()
-            cost.observe(rows, seconds)
-            self._by_key[key] = cost
-            while len(self._by_key) > self.max_keys:
-                self._by_key.popitem(last=False)
+            self._learn(self._by_key, key, rows, seconds)
+            if self.group is not None:
+                self._learn(self._by_group, self.group(key), rows, seconds)
+
+    def _learn(self, lines: OrderedDict, key: Hashable, rows: int, seconds: float) -> None:
+        cost = lines.pop(key, None) or BatchCost()
+        cost.observe(rows, seconds)
+        lines[key] = cost
+        while len(lines) > self.max_keys:  # least recently used first
+            lines.popitem(last=False)
 
     def model(self, key: Hashable) -> BatchCost:
         cost = self._by_key.get(key)
-        return cost if cost is not None and cost.observed >= self.min_observed else self.pooled
+        if cost is not None and cost.observed >= self.min_observed:
+            return cost
+        if self.group is not None and key is not None:  # None: any key (the task's pooled line)
+            line = self._by_group.get(self.group(key))
+            if line is not None and line.observed >= self.min_group:
+                return line
+        return self.pooled
+
+    def profile(self, group: Hashable, sizes: Iterable[int]) -> dict | None:
+        """The latency profile of one group (a plan): conservative seconds of a batch of each size
+        (its line times the task's spread) and how many batches it learnt from; None before any."""
+        with self._lock:
+            line = self._by_group.get(group)
+            if line is None:
+                return None
+            return {
+                "seconds": {rows: line.seconds(rows) * self.spread for rows in sizes},
+                "batches": line.observed,
+            }
 
     def seconds(self, key: Hashable, rows: int) -> float:
         """Conservative seconds of one batch of `rows` rows under `key` (0 before any batch ran)."""

@@ -278,6 +278,10 @@ class MicroBatcher:
         if new != old:
             self.backlog.admit(new - old)
 
+    def queued_seconds(self) -> dict[Hashable, float]:
+        """Predicted seconds of the queued work, per batch key."""
+        return dict(self._queued_s)
+
     def reprice(self) -> None:
         for key in list(self._queued_s):
             self._reprice(key)
@@ -303,6 +307,22 @@ class MicroBatcher:
         ahead = self.backlog.seconds() - self._own_reservation()
         if ahead > self.max_queue_wait_s - waited:
             raise self._busy(ahead, waited)
+
+    def completion_seconds(self, key: Hashable, weight: int) -> float:
+        """Predicted seconds from now until a request of `weight` rows queued now under `key`
+        has run: the work ahead of it as admission counts it (every task's, the running batch's
+        rest included; the request's own reservation excluded), less the partial batch of `key`
+        it would join, plus that batch with it, at its new size (and the wait for it to fill)."""
+        rows = self._rows.get(key, 0)
+        partial = rows % self.max_batch
+        if partial + weight > self.max_batch:  # it starts a batch of its own
+            partial = 0
+        joined = partial + weight
+        ahead = self.backlog.seconds() - self._own_reservation()
+        if partial:
+            ahead -= self._cost(key, partial)
+        fill = self.max_wait_s if joined < self.max_batch else 0.0
+        return max(ahead, 0.0) + fill + self._cost(key, joined)
 
     def admit_early(self) -> Reservation:
         """check_admission, then reserve what a request of this task typically costs a busy

@@ -6,7 +6,7 @@ count in the same series: no label tells the protocols apart."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -37,6 +37,8 @@ def geometric(top: float, bottom: float, factor: float) -> list[float]:
 disable_created_metrics()
 
 LATENCY_BUCKETS = geometric(30.0, 0.0004, 2**0.5)  # 0.46 ms .. 30 s
+# measured / predicted latency, 1/16 .. 16 (positive: Ray's histograms take no bound <= 0)
+RATIO_ERROR_BUCKETS = geometric(16.0, 1 / 16, 2**0.25)
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
 RATIO_BUCKETS = [i / 20 for i in range(1, 21)]
 
@@ -100,6 +102,25 @@ class GPUMemoryCollector(Collector):
             yield used
 
 
+class QueuedSecondsCollector(Collector):
+    """Predicted seconds of queued work per task and level, read from each task's queues at
+    scrape time: which levels fill the queue that `auto` requests see ahead of them."""
+
+    def __init__(self):
+        self.sources: dict[str, Callable[[], dict[str, float]]] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "tokenlean_queued_seconds",
+            "predicted seconds of queued work, by the level it is queued at",
+            labels=["task", "level"],
+        )
+        for task, source in list(self.sources.items()):
+            for level, seconds in sorted(source().items()):
+                family.add_metric([task, level], seconds)
+        yield family
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, gpu: Collector | None = None):
         self.registry = registry or CollectorRegistry()
@@ -154,6 +175,26 @@ class Metrics:
         self.model_load = Gauge(
             "tokenlean_model_load_seconds", "time to load and warm up", ["task"], registry=r
         )
+        # latency budgets (app/budget.py)
+        self.auto_level = Counter(
+            "tokenlean_auto_level", "levels `auto` requests were given", ["task", "level"], registry=r
+        )
+        self.latency_budget = Counter(
+            "tokenlean_latency_budget",
+            "requests with a latency budget: met, missed (answered later), rejected (no plan fits, "
+            "overload policy reject)",
+            ["task", "outcome"],
+            registry=r,
+        )
+        self.prediction_error = Histogram(
+            "tokenlean_latency_prediction_error_ratio",
+            "measured / predicted latency of requests with a budget (1: exact, above: later)",
+            ["task"],
+            buckets=RATIO_ERROR_BUCKETS,
+            registry=r,
+        )
+        self.queued = QueuedSecondsCollector()
+        r.register(self.queued)
         Info("tokenlean_build", "tokenlean version", registry=r).info({"version": __version__})
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from app import schemas
+from app.budget import Budgeted
 from app.errors import (
     BadInput,
     ClientClosed,
@@ -47,6 +48,7 @@ _COMPRESSION_FIELDS = {
     "compression": {"type": "string", "description": schemas.COMPRESSION_DOC},
     "method": {"type": "string"},
     "deadline_ms": {"type": "integer", "description": schemas.DEADLINE_DOC},
+    "latency_budget_ms": {"type": "integer", "description": schemas.BUDGET_DOC},
     "return_token_map": {"type": "boolean", "description": schemas.TOKEN_MAP_DOC},
     "token_map_layer": {"type": "integer", "description": schemas.TOKEN_MAP_LAYER_DOC},
 }
@@ -215,14 +217,20 @@ async def answer(
     async def pixels(data: list[bytes]):
         return await decode_images(data, limits, svc.bundle.preprocess, budget)
 
-    plan = svc.plan_for(body.compression, body.method)  # before decoding: it is cheap
+    settings = request.app.state.settings
+    budgeted = Budgeted.of(body, settings.latency_budget_ms, settings.overload_policy)
+    # before decoding: it is cheap; `auto` chooses once the item (its size, its key) is known
+    plan = None if budgeted.auto else svc.plan_for(body.compression, body.method)
     item = await task.decode(body, raw, svc.decode_context(pixels))
+    plan = budgeted.plan(svc, task.batch_key(item), task.weight(item), plan, body.method)
     state["level"], state["method"] = svc.level_label(plan), plan.method
     deadline_s = body.deadline_ms / 1000 if body.deadline_ms else None
     result, trace, info = await svc.submit(plan, item, deadline_s=deadline_s)
     kept = request.app.state.metrics.tokens_kept
     kept.labels(task.name, state["level"], state["method"]).observe(trace.kept_ratio)
-    return task.encode(body, result), report(svc, body, plan, trace, info, state["started"])
+    summary = report(svc, body, plan, trace, info, state["started"])
+    summary["latency"] = budgeted.settle(svc)
+    return task.encode(body, result), summary
 
 
 # ------------------------------------------------------------------ v1 endpoints

@@ -14,8 +14,15 @@ IMAGE_DOC = (
 )
 # A 1x1 PNG, the OpenAPI examples' image.
 PNG_EXAMPLE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
-COMPRESSION_DOC = "none | low | medium | high, or the fraction of encoder FLOPs to remove in [0, 0.9]"
+COMPRESSION_DOC = (
+    "none | low | medium | high, or the fraction of encoder FLOPs to remove in [0, 0.9], or auto: "
+    "the least compressed level predicted to answer within the latency budget"
+)
 DEADLINE_DOC = "server-side deadline: answered 504 if not started by then"
+BUDGET_DOC = (
+    "latency budget from arrival to answer; with compression auto (or none sent) the server picks "
+    "the level from it and its load; with a fixed level it is only reported (met or missed)"
+)
 TOKEN_MAP_DOC = (
     "return `token_map`: which input patches each token of one layer stands for (off by default; "
     "the torch backend only)"
@@ -59,6 +66,7 @@ Name = Annotated[str, BeforeValidator(_unicode_text), Field(max_length=64)]
 Compression = Annotated[Annotated[str, Field(max_length=32)] | float | None, BeforeValidator(_compression)]
 TopK = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
 DeadlineMs = Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=600_000)]
+BudgetMs = DeadlineMs
 Layer = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
 
 
@@ -69,6 +77,7 @@ class TaskRequest(BaseModel):
         default=None, description="reduction method; default: the model's", examples=["pumer"]
     )
     deadline_ms: DeadlineMs | None = Field(default=None, description=DEADLINE_DOC)
+    latency_budget_ms: BudgetMs | None = Field(default=None, description=BUDGET_DOC, examples=[250])
     return_token_map: bool = Field(default=False, description=TOKEN_MAP_DOC)
     token_map_layer: Layer | None = Field(default=None, description=TOKEN_MAP_LAYER_DOC)
 
@@ -129,6 +138,17 @@ class TokenMap(BaseModel):
     )
 
 
+class LatencyReport(BaseModel):
+    """A request with a latency budget (app/budget.py): the prediction the plan was chosen by,
+    and what it took, both from the request's arrival."""
+
+    auto: bool = Field(description="the level was chosen by the budget")
+    budget_ms: float
+    predicted_ms: float | None
+    measured_ms: float
+    met: bool
+
+
 class Report(BaseModel):
     model: str
     compression: CompressionReport
@@ -136,6 +156,7 @@ class Report(BaseModel):
     flops: FlopsReport
     timings: Timings
     batch_size: int = Field(description="rows in the model call this request shared")
+    latency: LatencyReport | None = Field(default=None, description="requests with a latency budget")
     token_map: TokenMap | None = Field(
         default=None,
         description="with `return_token_map`: the image's token map (retrieval: of the best-ranked pair)",

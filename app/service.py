@@ -12,6 +12,7 @@ from typing import Any
 
 from app.backlog import Backlog, CostTable
 from app.batching import BatchInfo, MicroBatcher
+from app.budget import latency_profile
 from app.errors import InvalidInput
 from app.metrics import Metrics
 from app.settings import ModelSettings, Settings
@@ -63,8 +64,9 @@ class TaskService:
             self.method = fixed
         self.plan_for(cfg.default_compression, None)  # a bad default fails at start-up, not per request
         b = settings.batching
-        # seconds per batch by batch key and rows, learnt from every batch this task runs
-        self.costs = CostTable()
+        # seconds per batch by batch key and rows, learnt from every batch this task runs; per
+        # plan, the latency profile that `auto` chooses by (app/budget.py)
+        self.costs = CostTable(group=lambda key: key[0])
         self.batcher = MicroBatcher(
             self._run_batch,
             inference_thread(),
@@ -79,6 +81,7 @@ class TaskService:
             deadline_s=b.deadline_ms / 1000,
             max_loop_lag_s=b.max_event_loop_lag_ms / 1000,
         )
+        metrics.queued.sources[task.name] = self._queued_by_level
         self.load_seconds = time.perf_counter() - started
 
     # ------------------------------------------------------------------ plans
@@ -167,7 +170,8 @@ class TaskService:
     def warm_up(self) -> None:
         """One call per named level, so the first real request does not pay for lazy init; then
         full and one-item batches at the default level, so admission control starts from
-        measured costs (the first calls, which pay for lazy init, are not counted)."""
+        measured costs (the first calls, which pay for lazy init, are not counted), and at every
+        other level, the latency profile `auto` starts from."""
         ctx = self.decode_context(None)
         one = self.task.warmup_items(ctx, 1)
         key = self.task.batch_key(one[0])
@@ -179,6 +183,19 @@ class TaskService:
         self._run_batch(default, full, observe=False)
         for batch in (full, one, one):
             self._run_batch(default, batch)
+        # every other level's latency profile: a full batch and one item fix its line
+        for level in self.backend.levels():
+            plan = (self.plan_for(level, None), key)
+            if plan != default:
+                for batch in (full, one):
+                    self._run_batch(plan, batch)
+
+    def _queued_by_level(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, seconds in self.batcher.queued_seconds().items():
+            level = self.level_label(key[0])
+            out[level] = out.get(level, 0.0) + seconds
+        return out
 
     def describe(self) -> dict:
         full = self.model.flops(NO_REDUCTION)
@@ -200,4 +217,5 @@ class TaskService:
             **self.backend.describe(),
             "image_size": self.bundle.preprocess.size,
             "max_text_tokens": self.model.max_text_tokens,
+            "latency_profile": latency_profile(self),
         }

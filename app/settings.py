@@ -139,6 +139,19 @@ class Settings(BaseSettings):
         description="per task: checkpoint, enabled, method, default compression",
     )
     batching: BatchingSettings = BatchingSettings()
+    # Latency budgets (app/budget.py): with this set, a request sending no compression is
+    # `auto` within this budget unless it sends its own `latency_budget_ms`.
+    latency_budget_ms: int | None = Field(
+        default=None,
+        ge=1,
+        le=600_000,
+        description="default latency budget: requests without a compression get `auto` within it",
+    )
+    overload_policy: Literal["degrade", "reject"] = Field(
+        default="degrade",
+        description="an `auto` request no plan fits in its budget: degrade (the most compressed plan) "
+        "or reject (503 + Retry-After)",
+    )
     limits: LimitSettings = LimitSettings()
     api_key: str | None = Field(default=None, description="bearer token required on /v1 and /v2 routes")
     protect_metrics: bool = Field(default=False, description="require the API key on /metrics too")

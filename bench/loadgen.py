@@ -14,10 +14,11 @@ microseconds, not the milliseconds of a full HTTP client. Two modes:
 - closed loop: `concurrency` connections in all, each sending its next request when the last one
   is answered, cycling through the tasks (the sustainable rate).
 
-Per request: its task, when it was due, when it was sent, when it was answered (seconds from the
-common start), the status (0: no response: refused, reset or timed out, with the reason), why a
-503 came (the service's admission, its row queue, or the connection cap's plain text), and for a 2xx the
-server's own `queue_ms` and `inference_ms` from the response's `timings`. How far sends fell
+Per request: its task, which of the task's requests it was, when it was due, when it was sent,
+when it was answered (seconds from the common start), the status (0: no response: refused, reset
+or timed out, with the reason), why a 503 came (the service's admission, its row queue, or the
+connection cap's plain text), and for a 2xx the server's own `queue_ms` and `inference_ms` from the
+response's `timings`, its `answer` (VQA) and the compression `level` it ran at. How far sends fell
 behind their due times tells whether the generator kept up.
 
 Workers import nothing but the standard library (and uvloop): they start in a few tens of ms.
@@ -41,6 +42,8 @@ from pathlib import Path
 
 IDLE_S = 2.0  # idle connections older than this are closed, not reused (the server's keep-alive is 5 s)
 _TIMINGS = re.compile(rb'"queue_ms":\s*([0-9.eE+-]+),\s*"inference_ms":\s*([0-9.eE+-]+)')
+_ANSWER = re.compile(rb'"answer":\s*"((?:[^"\\]|\\.)*)"')
+_LEVEL = re.compile(rb'"level":\s*"((?:[^"\\]|\\.)*)"')
 
 
 # ------------------------------------------------------------------ requests and responses
@@ -110,6 +113,12 @@ def server_timings(body: bytes) -> tuple[float, float]:
     return (float(m.group(1)), float(m.group(2))) if m else (math.nan, math.nan)
 
 
+def answer_fields(body: bytes) -> tuple[str, str]:
+    """The `answer` (VQA) and the compression `level` of a service response ("" when absent)."""
+    found = [rx.search(body) for rx in (_ANSWER, _LEVEL)]
+    return tuple(json.loads(b'"' + m.group(1) + b'"') if m else "" for m in found)
+
+
 def refusal_kind(head: Head, body: bytes) -> str:
     """Why a 503 came: the service's admission (`busy`: too much predicted work queued ahead;
     `queue full`: the task's rows), shutting down, or a plain-text 503 (uvicorn's connection cap)."""
@@ -155,13 +164,38 @@ def arrivals(rate: float, seconds: float, rng: random.Random, kind: str = "poiss
 class Recorder:
     def __init__(self):
         self.columns: dict[str, list] = {
-            k: [] for k in ("task", "due", "sent", "done", "status", "kind", "queue_ms", "inference_ms")
+            k: []
+            for k in (
+                "task",
+                "request",
+                "due",
+                "sent",
+                "done",
+                "status",
+                "kind",
+                "queue_ms",
+                "inference_ms",
+                "answer",
+                "level",
+            )
         }
 
-    def add(self, task, due, sent, done, status, kind="", queue_ms=math.nan, inference_ms=math.nan):
-        for k, v in zip(
-            self.columns, (task, due, sent, done, status, kind, queue_ms, inference_ms), strict=True
-        ):
+    def add(
+        self,
+        task,
+        request,
+        due,
+        sent,
+        done,
+        status,
+        kind="",
+        queue_ms=math.nan,
+        inference_ms=math.nan,
+        answer="",
+        level="",
+    ):
+        values = (task, request, due, sent, done, status, kind, queue_ms, inference_ms, answer, level)
+        for k, v in zip(self.columns, values, strict=True):
             self.columns[k].append(v)
 
 
@@ -209,21 +243,25 @@ class Worker:
             return head, body
         raise AssertionError("unreachable")
 
-    async def one(self, task: str, raw: bytes, due: float) -> None:
+    async def one(self, task: str, index: int, due: float) -> None:
+        reqs = self.requests[task]
+        index %= len(reqs)
         sent = time.monotonic() - self.start
         try:
             async with asyncio.timeout(self.timeout_s):
-                head, body = await self._exchange(raw)
+                head, body = await self._exchange(reqs[index])
         except TimeoutError:
-            self.recorder.add(task, due, sent, time.monotonic() - self.start, 0, "timeout")
+            self.recorder.add(task, index, due, sent, time.monotonic() - self.start, 0, "timeout")
             return
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-            self.recorder.add(task, due, sent, time.monotonic() - self.start, 0, type(exc).__name__)
+            self.recorder.add(task, index, due, sent, time.monotonic() - self.start, 0, type(exc).__name__)
             return
         done = time.monotonic() - self.start
         kind = refusal_kind(head, body) if head.status == 503 else ""
-        q, inf = server_timings(body) if 200 <= head.status < 300 else (math.nan, math.nan)
-        self.recorder.add(task, due, sent, done, head.status, kind, q, inf)
+        ok = 200 <= head.status < 300
+        q, inf = server_timings(body) if ok else (math.nan, math.nan)
+        answer, level = answer_fields(body) if ok else ("", "")
+        self.recorder.add(task, index, due, sent, done, head.status, kind, q, inf, answer, level)
 
     async def open_loop(self, schedule: list[tuple[float, str, int]]) -> None:
         jobs = []
@@ -231,8 +269,7 @@ class Worker:
             delay = self.start + due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            reqs = self.requests[task]
-            jobs.append(asyncio.create_task(self.one(task, reqs[index % len(reqs)], due)))
+            jobs.append(asyncio.create_task(self.one(task, index, due)))
         await asyncio.gather(*jobs)
 
     async def closed_loop(self, concurrency: int, seconds: float, offset: int) -> None:
@@ -242,8 +279,7 @@ class Worker:
             i = k + offset
             while time.monotonic() - self.start < seconds:
                 task = tasks[i % len(tasks)]
-                reqs = self.requests[task]
-                await self.one(task, reqs[(i // len(tasks)) % len(reqs)], time.monotonic() - self.start)
+                await self.one(task, i // len(tasks), time.monotonic() - self.start)
                 i += 1
 
         await asyncio.gather(*(client(k) for k in range(concurrency)))
