@@ -15,6 +15,8 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import CHECKPOINTS, Settings
 from models import NO_REDUCTION, named_plan, reducible
+from models.backends.base import register_backend, unregister_backend
+from models.backends.eager import EagerBackend
 from models.lookupvit import LookupViTConfig, LookupViTForImageClassification
 from models.token_map import PRUNED
 
@@ -218,3 +220,28 @@ def test_token_map_is_documented_in_openapi(client):
     assert "return_token_map" in vqa["multipart/form-data"]["schema"]["properties"]
     token_map = schema["components"]["schemas"]["TokenMap"]
     assert {"layer", "grid", "tokens", "token_of_patch"} <= set(token_map["properties"])
+
+
+class LogitsOnly(EagerBackend):
+    """A backend that cannot return token maps, as the exported graphs cannot."""
+
+    name = "logits-only"
+    token_maps = False
+
+
+def test_a_backend_without_token_maps_refuses_them():
+    register_backend(LogitsOnly)
+    try:
+        settings = Settings(
+            warmup=False,
+            backend=LogitsOnly.name,
+            models={"vqa": {"enabled": False}, "retrieval": {"enabled": False}},
+        )
+        with TestClient(create_app(settings)) as c:
+            wait_ready(c)
+            assert post(c, "classify")["token_map"] is None
+            r = c.post("/v1/classify", json={"image": B64, "return_token_map": True})
+            assert r.status_code == 422, r.text
+            assert "cannot return token maps" in r.json()["error"]["message"]
+    finally:
+        unregister_backend(LogitsOnly.name)
