@@ -245,3 +245,13 @@ def test_a_backend_without_token_maps_refuses_them():
             assert "cannot return token maps" in r.json()["error"]["message"]
     finally:
         unregister_backend(LogitsOnly.name)
+
+
+def test_token_maps_are_v1_only(client):
+    image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [B64]}
+    body = {"inputs": [image], "parameters": {"return_token_map": True}}
+    r = client.post("/v2/models/classify/infer", json=body)
+    assert r.status_code == 422, r.text
+    assert "unknown parameter 'return_token_map'" in r.json()["error"]
+    del body["parameters"]
+    assert client.post("/v2/models/classify/infer", json=body).status_code == 200
