@@ -252,6 +252,7 @@ class MicroBatcher:
         self._inflight: list[Pending] = []  # the batch in the model
         self.dispatcher: Dispatcher | None = None
         self._mean_weight = 1.0  # rows of a request, recent average: what an early admission reserves
+        self._batch_rows = 1.0  # rows of a batch, recent average: what a batch grows to while it waits
 
     @property
     def depth(self) -> int:
@@ -312,7 +313,9 @@ class MicroBatcher:
         """Predicted seconds from now until a request of `weight` rows queued now under `key`
         has run: the work ahead of it as admission counts it (every task's, the running batch's
         rest included; the request's own reservation excluded), less the partial batch of `key`
-        it would join, plus that batch with it, at its new size (and the wait for it to fill)."""
+        it would join, plus that batch with it at the size it will run at: when there is work
+        ahead, requests arriving meanwhile join it too, as they joined recent batches (the
+        recent average batch size, up to max_batch), plus the wait for it to fill."""
         rows = self._rows.get(key, 0)
         partial = rows % self.max_batch
         if partial + weight > self.max_batch:  # it starts a batch of its own
@@ -321,6 +324,8 @@ class MicroBatcher:
         ahead = self.backlog.seconds() - self._own_reservation()
         if partial:
             ahead -= self._cost(key, partial)
+        if ahead > 0:
+            joined = max(joined, min(self.max_batch, round(self._batch_rows)))
         fill = self.max_wait_s if joined < self.max_batch else 0.0
         return max(ahead, 0.0) + fill + self._cost(key, joined)
 
@@ -458,6 +463,7 @@ class MicroBatcher:
         # (cancelled at shutdown: _inflight stays set, so close() fails these requests)
         self._inflight = []
         inference_s = time.perf_counter() - started
+        self._batch_rows += 0.1 * (rows - self._batch_rows)
         waits = [started - p.enqueued for p in batch]
         if self._on_batch:
             self._on_batch(key, BatchInfo(rows, 0.0, inference_s), waits)

@@ -5,11 +5,12 @@ A request with a budget (`latency_budget_ms`, or the server's `latency_budget_ms
 sends no compression) is `auto` unless it names a level: the plans of its method (every named level
 the backend runs) are tried from the least compressed to the most, each with its predicted
 completion time from the request's arrival (what it waited so far, the work queued ahead of it,
-the batch it would join at that batch's size: app/batching.py `completion_seconds`, from the
-task's latency profile, app/backlog.py), and the first that fits is taken. When none fits, the
-overload policy decides: `degrade` runs the most compressed plan anyway, `reject` answers 503 with
-Retry-After. A request with a fixed level keeps it; its budget is only predicted, reported and
-counted (met or missed).
+the batch it would join at the size it will run at: app/batching.py `completion_seconds`, from
+the task's latency profile, app/backlog.py; all but the wait so far multiplied by the task's
+`Calibration`, how far recent answers ran over their predictions), and the first that fits is
+taken. When none fits, the overload policy decides: `degrade` runs the most compressed plan
+anyway, `reject` answers 503 with Retry-After. A request with a fixed level keeps it; its budget
+is only predicted, reported and counted (met or missed).
 
 `choose` is the policy, pure; `Budgeted` carries one request through it (before decoding:
 whether it is `auto` and its budget; after decoding: its plan; after its answer: the report and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -53,14 +55,44 @@ def choose(options: Sequence[tuple[Any, float]], budget_s: float) -> Choice:
     return Choice(plan, predicted, False)
 
 
-_PLANS: WeakKeyDictionary = WeakKeyDictionary()  # service -> {method: its auto plans}
+class Calibration:
+    """How far answers run over what was predicted for them once their plan was chosen: the
+    `quantile` of the last `window` ratios (measured / predicted seconds from the choice to the
+    answer), by which later predictions are multiplied, within `bounds`; 1 until `min_samples`
+    came in. It catches what the batch costs alone miss (the answer's own way out, batches that
+    grow or slow down more than their lines foresaw), and it forgets as fast as the window turns."""
+
+    def __init__(self, quantile: float = 0.95, window: int = 64, min_samples: int = 8, bounds=(0.25, 4.0)):
+        self.quantile, self.min_samples, self.bounds = quantile, min_samples, bounds
+        self._ratios: deque[float] = deque(maxlen=window)
+        self.factor = 1.0
+
+    def observe(self, measured_s: float, predicted_s: float) -> None:
+        self._ratios.append(measured_s / max(predicted_s, 1e-6))
+        if len(self._ratios) >= self.min_samples:
+            ordered = sorted(self._ratios)
+            q = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+            self.factor = min(max(q, self.bounds[0]), self.bounds[1])
+
+
+@dataclass
+class _State:  # per task service
+    plans: dict = field(default_factory=dict)  # method -> its auto plans
+    calibration: Calibration = field(default_factory=Calibration)
+
+
+_STATE: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def state_of(svc: TaskService) -> _State:
+    return _STATE.setdefault(svc, _State())
 
 
 def auto_plans(svc: TaskService, method: str | None) -> tuple:
     """The plans `auto` may give a request of this method: one per named level the backend runs,
     least compressed first (by the model's FLOPs), duplicates dropped. InvalidInput for a method
     the model does not have."""
-    known = _PLANS.setdefault(svc, {})
+    known = state_of(svc).plans
     if method not in known:
         plans = {}
         for level in svc.backend.levels():
@@ -78,8 +110,10 @@ class Budgeted:
     auto: bool
     overload_policy: str = "degrade"
     arrived: float = 0.0
-    predicted_s: float | None = None
+    predicted_s: float | None = None  # from arrival: waited + calibrated prediction
     clock: Callable[[], float] = field(default=time.perf_counter, repr=False)
+    waited_s: float = 0.0  # at the choice
+    factor: float = 1.0  # the calibration the prediction was multiplied by
 
     @classmethod
     def of(cls, body, default_budget_ms: int | None, overload_policy: str) -> Budgeted:
@@ -104,12 +138,16 @@ class Budgeted:
         its prediction; Overloaded when `auto` finds no plan within the budget under `reject`."""
         if self.budget_s is None:
             return fixed
-        waited = max(self.clock() - self.arrived, 0.0)
-        predict = svc.batcher.completion_seconds
+        self.waited_s = waited = max(self.clock() - self.arrived, 0.0)
+        self.factor = factor = state_of(svc).calibration.factor
+
+        def predict(plan) -> float:
+            return waited + factor * svc.batcher.completion_seconds((plan, key), weight)
+
         if not self.auto:
-            self.predicted_s = waited + predict((fixed, key), weight)
+            self.predicted_s = predict(fixed)
             return fixed
-        options = [(p, waited + predict((p, key), weight)) for p in auto_plans(svc, method)]
+        options = [(p, predict(p)) for p in auto_plans(svc, method)]
         choice = choose(options, self.budget_s)
         self.predicted_s = choice.predicted_s
         task = svc.task.name
@@ -134,6 +172,8 @@ class Budgeted:
         m.latency_budget.labels(task, "met" if met else "missed").inc()
         if self.predicted_s is not None:
             m.prediction_error.labels(task).observe(measured / max(self.predicted_s, 1e-6))
+            uncalibrated = (self.predicted_s - self.waited_s) / self.factor
+            state_of(svc).calibration.observe(measured - self.waited_s, uncalibrated)
         return {
             "auto": self.auto,
             "budget_ms": round(self.budget_s * 1e3, 3),
@@ -155,4 +195,5 @@ def latency_profile(svc: TaskService) -> dict:
                 "batch_ms": {str(n): round(s * 1e3, 3) for n, s in profile["seconds"].items()},
                 "batches": profile["batches"],
             }
-    return {"levels": out, "spread": round(svc.costs.spread, 3)}
+    calibration = round(state_of(svc).calibration.factor, 3)
+    return {"levels": out, "spread": round(svc.costs.spread, 3), "calibration": calibration}

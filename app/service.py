@@ -183,11 +183,13 @@ class TaskService:
         self._run_batch(default, full, observe=False)
         for batch in (full, one, one):
             self._run_batch(default, batch)
-        # every other level's latency profile: a full batch and one item fix its line
+        # every other level's latency profile: a quarter batch and one item fix its line (full
+        # batches of every level would lengthen the start-up; serving refines the line)
+        few = full[: max(2, len(full) // 4)]
         for level in self.backend.levels():
             plan = (self.plan_for(level, None), key)
             if plan != default:
-                for batch in (full, one):
+                for batch in (few, one):
                     self._run_batch(plan, batch)
 
     def _queued_by_level(self) -> dict[str, float]:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.backlog import Backlog, CostTable
 from app.batching import MicroBatcher
-from app.budget import Budgeted, auto_plans, choose
+from app.budget import Budgeted, Calibration, auto_plans, choose, state_of
 from app.errors import Overloaded
 from app.http_errors import headers_of, status_of
 from app.metrics import Metrics
@@ -91,6 +91,10 @@ class FakeService:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def latency_calibration(svc) -> float:
+    return state_of(svc).calibration.factor
 
 
 def budgeted(
@@ -186,6 +190,46 @@ def test_the_work_queued_and_running_ahead_moves_auto_to_higher_compression():
     # any other plan's batch of its own: it stays within 500 ms where `high` alone would take 505
     ahead += 0.140
     assert partial[500] == ("none", pytest.approx(ahead - 0.140 + 0.160))
+
+
+def test_behind_other_work_a_batch_is_predicted_at_the_size_recent_batches_grew_to():
+    clock = Clock()
+    svc = FakeService(clock=clock)
+    svc.batcher._batch_rows = 4.0  # as after a stretch of batches of 4 rows
+    idle = budgeted(1000, clock)
+    assert idle.plan(svc, KEY, 1, None, None) == "none"
+    assert idle.predicted_s == pytest.approx(known("none", 1))  # starts at once, alone
+    svc.backlog.reserve("running", 0.100)
+    busy = budgeted(1000, clock)
+    assert busy.plan(svc, KEY, 1, None, None) == "none"
+    # while it waits, later requests join its batch: it runs with 4 rows
+    assert busy.predicted_s == pytest.approx(0.100 + known("none", 4))
+
+
+def test_answers_later_than_predicted_raise_later_predictions():
+    clock = Clock()
+    svc = FakeService(clock=clock)
+    for _ in range(8):  # each answered in twice its predicted 120 ms (8 answers: the minimum)
+        b = budgeted(1000, clock)
+        assert b.plan(svc, KEY, 1, None, None) == "none"
+        clock.now += 2 * b.predicted_s
+        assert b.settle(svc)["met"] is True
+    b = budgeted(200, clock)  # 120 ms fitted; now 240: low's 2 x 85 ms is what fits
+    assert b.plan(svc, KEY, 1, None, None) == "low"
+    assert b.predicted_s == pytest.approx(2 * known("low", 1))
+    assert latency_calibration(svc) == pytest.approx(2.0)
+
+
+def test_the_calibration_waits_for_enough_answers_and_is_bounded():
+    calibration = Calibration(min_samples=4, bounds=(0.5, 3.0))
+    for _ in range(3):
+        calibration.observe(10.0, 1.0)
+    assert calibration.factor == 1.0
+    calibration.observe(10.0, 1.0)
+    assert calibration.factor == 3.0
+    for _ in range(64):  # the window turns: predictions twice too long
+        calibration.observe(1.0, 2.0)
+    assert calibration.factor == 0.5
 
 
 def test_a_fixed_level_keeps_its_plan_and_only_gets_its_prediction():
