@@ -163,6 +163,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel("offered rate (requests / s)")
         ax.set_ylabel(label)
         ax.set_xscale("log", base=2)
+        rates = sorted({p["rate"] for p in points})
+        ax.set_xticks(rates, [f"{r:g}" for r in rates])
         ax.grid(alpha=0.3)
     axes[2].axhline(budget, color="gray", linestyle="--", linewidth=1)
     axes[2].set_yscale("log")
