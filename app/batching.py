@@ -329,6 +329,14 @@ class MicroBatcher:
         fill = self.max_wait_s if joined < self.max_batch else 0.0
         return max(ahead, 0.0) + fill + self._cost(key, joined)
 
+    def follower_seconds(self, key: Hashable) -> float:
+        """Predicted seconds of the batch a request arriving next would run in under `key`,
+        behind what is queued now: 0 while the model thread is idle (nobody is expected to
+        wait), else a batch of the recent average size."""
+        if self.backlog.seconds() - self._own_reservation() <= 0:
+            return 0.0
+        return self._cost(key, min(self.max_batch, max(1, round(self._batch_rows))))
+
     def admit_early(self) -> Reservation:
         """check_admission, then reserve what a request of this task typically costs a busy
         queue until the request is queued; the caller releases it if the request ends first."""

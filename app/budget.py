@@ -8,9 +8,11 @@ completion time from the request's arrival (what it waited so far, the work queu
 the batch it would join at the size it will run at: app/batching.py `completion_seconds`, from
 the task's latency profile, app/backlog.py; all but the wait so far multiplied by the task's
 `Calibration`, how far recent answers ran over their predictions), and the first that fits is
-taken. When none fits, the overload policy decides: `degrade` runs the most compressed plan
-anyway, `reject` answers 503 with Retry-After. A request with a fixed level keeps it; its budget
-is only predicted, reported and counted (met or missed).
+taken; while the model thread is busy, a plan lighter than the most compressed must also leave
+room for one batch of the most compressed behind it (the requests arriving meanwhile wait for
+it, and have budgets too). When none fits, the overload policy decides: `degrade` runs the most
+compressed plan anyway, `reject` answers 503 with Retry-After. A request with a fixed level keeps
+it; its budget is only predicted, reported and counted (met or missed).
 
 `choose` is the policy, pure; `Budgeted` carries one request through it (before decoding:
 whether it is `auto` and its budget; after decoding: its plan; after its answer: the report and
@@ -43,16 +45,18 @@ class Choice:
     fits: bool  # within the budget
 
 
-def choose(options: Sequence[tuple[Any, float]], budget_s: float) -> Choice:
+def choose(options: Sequence[tuple[Any, float]], budget_s: float, headroom_s: float = 0.0) -> Choice:
     """The least compressed plan whose predicted completion fits the budget, else the most
-    compressed one (fits=False). `options`: (plan, predicted seconds), least compressed first."""
+    compressed one (fits=False). `options`: (plan, predicted seconds), least compressed first.
+    `headroom_s`: what every plan but the most compressed must leave of the budget (for the
+    requests that will wait behind it)."""
     if not options:
         raise ValueError("no plan to choose from")
-    for plan, predicted in options:
-        if predicted <= budget_s:
+    *lighter, (most, most_predicted) = options
+    for plan, predicted in lighter:
+        if predicted + headroom_s <= budget_s:
             return Choice(plan, predicted, True)
-    plan, predicted = options[-1]
-    return Choice(plan, predicted, False)
+    return Choice(most, most_predicted, most_predicted <= budget_s)
 
 
 class Calibration:
@@ -147,8 +151,11 @@ class Budgeted:
         if not self.auto:
             self.predicted_s = predict(fixed)
             return fixed
-        options = [(p, predict(p)) for p in auto_plans(svc, method)]
-        choice = choose(options, self.budget_s)
+        plans = auto_plans(svc, method)
+        # Under load a lighter plan must leave room for a batch of the most compressed one behind
+        # it: the requests arriving while it runs wait for it, and they too have budgets.
+        headroom = factor * svc.batcher.follower_seconds((plans[-1], key))
+        choice = choose([(p, predict(p)) for p in plans], self.budget_s, headroom)
         self.predicted_s = choice.predicted_s
         task = svc.task.name
         if not choice.fits and self.overload_policy == "reject":

@@ -127,6 +127,10 @@ def test_choose_takes_the_least_compressed_plan_that_fits_else_the_most_compress
     assert choose(options, 0.08).plan == "high" and choose(options, 0.08).fits
     starved = choose(options, 0.05)
     assert (starved.plan, starved.fits, starved.predicted_s) == ("high", False, 0.08)
+    # with headroom, every plan but the most compressed must leave it free
+    assert choose(options, 0.35, headroom_s=0.05).plan == "none"
+    assert choose(options, 0.34, headroom_s=0.05).plan == "low"
+    assert choose(options, 0.09, headroom_s=0.05) == choose(options, 0.08)  # high: no headroom
     with pytest.raises(ValueError):
         choose([], 1.0)
 
@@ -168,11 +172,11 @@ def test_the_work_queued_and_running_ahead_moves_auto_to_higher_compression():
         svc.backlog.start("running")
         clock.now += 0.050  # 150 ms of it left
         # ahead: one full batch of none (180 ms) and the running batch's rest
-        full = picks(500, 451, 440, 400, 370, 360)
+        full = picks(500, 490, 480, 440, 400, 360)
         # two more rows of none: a partial batch, which a `none` request would join
         jobs += [asyncio.ensure_future(svc.batcher.submit(("none", KEY), i)) for i in (4, 5)]
         await asyncio.sleep(0)
-        partial = picks(500)
+        partial = picks(530)
         for job in jobs:
             job.cancel()
         await asyncio.sleep(0)
@@ -180,16 +184,19 @@ def test_the_work_queued_and_running_ahead_moves_auto_to_higher_compression():
 
     full, partial = run(scenario())
     ahead = 0.180 + 0.150
+    # the server is busy: a lighter plan must leave room for one batch of `high` (35 ms) behind it
+    headroom = 0.035
     assert full[500] == ("none", pytest.approx(ahead + 0.120))
-    assert full[451] == ("none", pytest.approx(ahead + 0.120))
-    assert full[440] == ("low", pytest.approx(ahead + 0.085))
-    assert full[400] == ("medium", pytest.approx(ahead + 0.055))
-    assert full[370] == ("high", pytest.approx(ahead + 0.035))
+    assert full[490] == ("none", pytest.approx(ahead + 0.120))  # 450 + 35 <= 490
+    assert full[480] == ("low", pytest.approx(ahead + 0.085))
+    assert full[440] == ("medium", pytest.approx(ahead + 0.055))
+    assert full[400] == ("high", pytest.approx(ahead + 0.035))  # the last needs no headroom
     assert full[360][0] == "high"  # nothing fits: degraded to the most compressed
     # joining the partial batch (140 ms for 2 rows -> 160 ms for 3) costs `none` 20 ms, less than
-    # any other plan's batch of its own: it stays within 500 ms where `high` alone would take 505
+    # any other plan's batch of its own (low: 85 ms)
     ahead += 0.140
-    assert partial[500] == ("none", pytest.approx(ahead - 0.140 + 0.160))
+    assert partial[530] == ("none", pytest.approx(ahead - 0.140 + 0.160))
+    assert ahead - 0.140 + 0.160 + headroom <= 0.530 < ahead + 0.085 + headroom
 
 
 def test_behind_other_work_a_batch_is_predicted_at_the_size_recent_batches_grew_to():
@@ -316,9 +323,9 @@ def test_a_flood_of_none_neither_starves_auto_requests_nor_hides_in_the_metrics(
         await asyncio.sleep(0.05)
         flood = [asyncio.ensure_future(svc.batcher.submit(("none", KEY), f"n{i}")) for i in range(1, 7)]
         await asyncio.sleep(0)
-        # ahead: 6 rows of none (3 batches of 140 ms) and the running one (120 ms); within 600 ms
-        # none would take 660, low 625, medium 595
-        plan = budgeted(600, clock).plan(svc, KEY, 1, None, None)
+        # ahead: 6 rows of none (3 batches of 140 ms) and the running one (120 ms); within 640 ms
+        # none would take 660, low 625, medium 595, each + 35 ms of headroom for a `high` batch
+        plan = budgeted(640, clock).plan(svc, KEY, 1, None, None)
         visible = samples(svc.metrics)
         auto = asyncio.ensure_future(svc.batcher.submit((plan, KEY), "auto"))
         await asyncio.sleep(0)
