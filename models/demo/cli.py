@@ -18,7 +18,9 @@ def train_demo_command(args: argparse.Namespace) -> None:
     if args.only is not None and args.only not in known:
         raise SystemExit(f"tokenlean train-demo: --only takes one of {sorted(known)}, got {args.only!r}")
     scenes = Path(args.scenes) if args.scenes else None
-    report = train_demo(Path(args.out), seed=args.seed, scale=args.scale, only=args.only, scenes=scenes)
+    report = train_demo(
+        Path(args.out), seed=args.seed, scale=args.scale, only=args.only, scenes=scenes, distill=args.distill
+    )
     print(json.dumps(report["seconds"], indent=2))
 
 
@@ -55,6 +57,12 @@ def register(subparsers) -> None:
         metavar="DIR",
         help="train on the scenes set `tokenlean data scenes --out DIR` wrote instead of easy-VQA "
         "(the two-stream VQA model: two-stream-scenes-vqa)",
+    )
+    train.add_argument(
+        "--distill",
+        action="store_true",
+        help="the two-stream VQA model adds PuMer's distillation: a KL term pulls each reduced "
+        "step's answers towards the unreduced model's on the same batch (docs/demo-models.md)",
     )
     train.set_defaults(func=train_demo_command)
 

