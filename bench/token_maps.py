@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PRUNED = -1
+from models.token_map import PRUNED
+
 MAP_SCENES = 3  # test scenes shown (their first question each)
 MAP_METHODS = ("pumer", "tome", "evit", "text-evit")
 
@@ -50,7 +51,6 @@ def scene_maps(subject) -> list[dict]:
     from models.plan import LEVELS
 
     bundle, rm, split = subject.bundles["main"], subject.main, subject.split
-    grid = rm.config.image_size // rm.config.patch_size
     first = np.unique(split.question_image, return_index=True)[1][:MAP_SCENES]
     methods = [m for m in MAP_METHODS if m in rm.methods]
     labels = bundle.labels()
@@ -68,9 +68,9 @@ def scene_maps(subject) -> list[dict]:
             for level in LEVELS[1:]:
                 plan = named_plan(rm, level, method)
                 out = rm(**bundle.inputs(pixels, [split.questions[q]]), plan=plan, track_source=True)
-                tokens = token_of_patch(out.sources[0], rm.protected, grid, complete=False)
+                [after_last] = rm.token_maps(out, len(out.patch_sources) - 1)
                 entry["maps"][f"{method}/{level}"] = {
-                    "token_of_patch": tokens.tolist(),
+                    "token_of_patch": after_last.token_of_patch.reshape(after_last.grid).tolist(),
                     "predicted": labels[int(out.logits[0].argmax())],
                 }
         entries.append(entry)
