@@ -31,16 +31,36 @@ def merge_count(num_tokens: int, protected: int, r: int) -> int:
 
 @dataclass(frozen=True)
 class Matching:
-    """Which A tokens survive and where the others go; indices relative to the unprotected tail."""
+    """Which A tokens survive and where the others go; indices relative to the unprotected tail,
+    plus `slot`: the output position every input token lands in."""
 
     protected: int
     unmerged: torch.Tensor  # (B, Na - r, 1) positions in A that survive
     src: torch.Tensor  # (B, r, 1) positions in A that are merged away
     dst: torch.Tensor  # (B, r, 1) positions in B they are merged into
+    slot: torch.Tensor  # (B, N) output position of each input token
 
     @property
     def r(self) -> int:
         return self.src.shape[1]
+
+
+def output_slots(protected: int, unmerged: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n: int):
+    """Output position of each of n input tokens (B, N): protected tokens keep theirs, surviving
+    A tokens follow in their order, then B; a merged A token lands on its B match's position.
+    Merging is then one scatter-add of every token into its slot, whatever it merges."""
+    batch, kept = unmerged.shape[0], unmerged.shape[1]
+    first_b = protected + kept
+    a_slots = torch.empty(batch, (n - protected + 1) // 2, dtype=torch.long, device=unmerged.device)
+    a_slots = a_slots.scatter(
+        1, unmerged, torch.arange(protected, first_b, device=unmerged.device).expand(batch, -1)
+    )
+    a_slots = a_slots.scatter(1, src, dst + first_b)
+    b_slots = torch.arange(first_b, first_b + (n - protected) // 2, device=unmerged.device).expand(batch, -1)
+    # Interleave A (even tail positions) and B (odd); an odd tail has one more A token.
+    pairs = torch.stack([a_slots[:, : b_slots.shape[1]], b_slots], dim=-1).flatten(1)
+    head = torch.arange(protected, device=unmerged.device).expand(batch, -1)
+    return torch.cat([head, pairs, a_slots[:, b_slots.shape[1] :]], dim=1)
 
 
 def bipartite_soft_matching(
@@ -64,18 +84,15 @@ def bipartite_soft_matching(
     best_score, best_dst = scores.max(dim=-1)
     src, unmerged = split_top_k(best_score, r)
     dst = best_dst.gather(1, src)
-    return Matching(protected, unmerged[..., None], src[..., None], dst[..., None])
+    slot = output_slots(protected, unmerged, src, dst, metric.shape[1])
+    return Matching(protected, unmerged[..., None], src[..., None], dst[..., None], slot)
 
 
 def merge_sum(m: Matching, x: torch.Tensor) -> torch.Tensor:
     """Sum merged tokens of x (B, N, C) into their destinations: (B, N - r, C)."""
-    channels = x.shape[-1]
-    head, tail = x[:, : m.protected], x[:, m.protected :]
-    a, b = tail[:, ::2], tail[:, 1::2]
-    unmerged = a.gather(1, m.unmerged.expand(-1, -1, channels))
-    src = a.gather(1, m.src.expand(-1, -1, channels))
-    b = b.scatter_add(1, m.dst.expand(-1, -1, channels), src)
-    return torch.cat([head, unmerged, b], dim=1)
+    batch, n, channels = x.shape
+    out = x.new_zeros(batch, n - m.r, channels)
+    return out.scatter_add(1, m.slot[..., None].expand(-1, -1, channels), x)
 
 
 def merge_weighted(
@@ -86,10 +103,12 @@ def merge_weighted(
     x (B, N, C), size (B, N) -> x (B, N - r, C), size (B, N - r).
     """
     w = (size if weight is None else weight)[..., None]
-    merged_x = merge_sum(m, x * w)
-    merged_w = merge_sum(m, w)
-    merged_size = merged_w[..., 0] if weight is None else merge_sum(m, size[..., None])[..., 0]
-    return merged_x / merged_w, merged_size
+    # One scatter for the weighted values, their weights and (when they differ) the sizes.
+    parts = [x * w, w] if weight is None else [x * w, w, size[..., None]]
+    merged = merge_sum(m, torch.cat(parts, dim=-1))
+    channels = x.shape[-1]
+    merged_x, merged_w = merged[..., :channels], merged[..., channels : channels + 1]
+    return merged_x / merged_w, merged[..., -1]
 
 
 def merge_tokens(

@@ -14,6 +14,7 @@ from models.reduction.condense import condense, connectivity
 from models.reduction.evit import evit
 from models.reduction.merge import bipartite_soft_matching, merge_sum, merge_tokens
 from models.reduction.prune import text_to_image_saliency
+from models.reduction.ranking import split_top_k, split_top_k_by_rank
 
 
 def _tokens(b=2, n=17, c=8, seed=0):
@@ -31,16 +32,29 @@ def test_matching_merges_the_most_similar_pairs_and_sizes_add_up():
     torch.testing.assert_close((out * new_size[..., None]).sum(1), (x * size[..., None]).sum(1))
 
 
-def test_merge_sum_matches_a_per_token_loop():
-    x, _ = _tokens(b=3, n=11)
-    m = bipartite_soft_matching(x, r=4, protected=1)
+@pytest.mark.parametrize("n, protected", [(11, 1), (12, 1), (12, 2), (9, 0)])
+def test_merge_sum_matches_a_per_token_loop(n, protected):
+    x, _ = _tokens(b=3, n=n)
+    m = bipartite_soft_matching(x, r=4, protected=protected)
     out = merge_sum(m, x)
     for b in range(3):
-        a, bb = x[b, 1::2], x[b, 2::2].clone()
+        a, bb = x[b, protected::2], x[b, protected + 1 :: 2].clone()
         for s, d in zip(m.src[b, :, 0].tolist(), m.dst[b, :, 0].tolist(), strict=True):
             bb[d] += a[s]
-        expected = torch.cat([x[b, :1], a[m.unmerged[b, :, 0]], bb])
+        expected = torch.cat([x[b, :protected], a[m.unmerged[b, :, 0]], bb])
         torch.testing.assert_close(out[b], expected)
+
+
+def test_the_eager_top_k_split_is_the_traced_graphs_permutation_ties_included():
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 4, (5, 40), generator=g).float()  # many ties
+    for k in (0, 1, 13, 40):
+        chosen, rest = split_top_k(score, k)
+        by_rank = split_top_k_by_rank(score, k)
+        assert torch.equal(chosen, by_rank[0]) and torch.equal(rest, by_rank[1])
+    traced = torch.jit.trace(lambda s: split_top_k(s, 7), (score,), check_trace=False)
+    assert "sort" not in str(traced.graph)
+    assert torch.equal(traced(score)[0], split_top_k(score, 7)[0])
 
 
 def test_merging_identical_tokens_changes_nothing():
