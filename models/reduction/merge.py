@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from models.reduction.ranking import split_top_k
+from models.reduction.ranking import capturing_graph, top_k_mask
 
 # Similarity given to pairs that must not merge (a padding token and a real one). Finite, so a
 # forced merge still picks the least bad pair instead of producing NaNs.
@@ -31,36 +32,48 @@ def merge_count(num_tokens: int, protected: int, r: int) -> int:
 
 @dataclass(frozen=True)
 class Matching:
-    """Which A tokens survive and where the others go; indices relative to the unprotected tail,
-    plus `slot`: the output position every input token lands in."""
+    """Which A tokens merge and where every token goes. A and B are the unprotected tokens at even
+    and odd positions of the tail; `slot` is the output position each input token lands in."""
 
     protected: int
-    unmerged: torch.Tensor  # (B, Na - r, 1) positions in A that survive
-    src: torch.Tensor  # (B, r, 1) positions in A that are merged away
-    dst: torch.Tensor  # (B, r, 1) positions in B they are merged into
+    merged: torch.Tensor  # (B, Na) bool: the A tokens merged away (r per row)
+    best_dst: torch.Tensor  # (B, Na) each A token's most similar B token
     slot: torch.Tensor  # (B, N) output position of each input token
+    r: int
+
+    def _by_position(self) -> torch.Tensor:
+        return torch.sort(self.merged.long(), dim=-1, descending=True, stable=True).indices
 
     @property
-    def r(self) -> int:
-        return self.src.shape[1]
+    def src(self) -> torch.Tensor:
+        """(B, r, 1) positions in A that are merged away, in position order."""
+        return self._by_position()[:, : self.r, None]
+
+    @property
+    def unmerged(self) -> torch.Tensor:
+        """(B, Na - r, 1) positions in A that survive, in position order."""
+        return self._by_position()[:, self.r :, None]
+
+    @property
+    def dst(self) -> torch.Tensor:
+        """(B, r, 1) positions in B the merged A tokens go to."""
+        return self.best_dst.gather(1, self.src[..., 0])[..., None]
 
 
-def output_slots(protected: int, unmerged: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n: int):
+def output_slots(protected: int, merged: torch.Tensor, best_dst: torch.Tensor, r: int, n: int):
     """Output position of each of n input tokens (B, N): protected tokens keep theirs, surviving
     A tokens follow in their order, then B; a merged A token lands on its B match's position.
     Merging is then one scatter-add of every token into its slot, whatever it merges."""
-    batch, kept = unmerged.shape[0], unmerged.shape[1]
-    first_b = protected + kept
-    a_slots = torch.empty(batch, (n - protected + 1) // 2, dtype=torch.long, device=unmerged.device)
-    a_slots = a_slots.scatter(
-        1, unmerged, torch.arange(protected, first_b, device=unmerged.device).expand(batch, -1)
-    )
-    a_slots = a_slots.scatter(1, src, dst + first_b)
-    b_slots = torch.arange(first_b, first_b + (n - protected) // 2, device=unmerged.device).expand(batch, -1)
+    batch, num_a = merged.shape
+    num_b = (n - protected) // 2
+    first_b = protected + num_a - r
+    kept_rank = (~merged).long().cumsum(dim=-1) - 1
+    a_slots = torch.where(merged, best_dst + first_b, kept_rank + protected)
+    b_slots = torch.arange(first_b, first_b + num_b, device=merged.device).expand(batch, -1)
     # Interleave A (even tail positions) and B (odd); an odd tail has one more A token.
-    pairs = torch.stack([a_slots[:, : b_slots.shape[1]], b_slots], dim=-1).flatten(1)
-    head = torch.arange(protected, device=unmerged.device).expand(batch, -1)
-    return torch.cat([head, pairs, a_slots[:, b_slots.shape[1] :]], dim=1)
+    pairs = torch.stack([a_slots[:, :num_b], b_slots], dim=-1).flatten(1)
+    head = torch.arange(protected, device=merged.device).expand(batch, -1)
+    return torch.cat([head, pairs, a_slots[:, num_b:]], dim=1)
 
 
 def bipartite_soft_matching(
@@ -72,8 +85,7 @@ def bipartite_soft_matching(
     padding never blends into real tokens unless nothing else is left.
     """
     r = merge_count(metric.shape[1], protected, r)
-    tail = metric[:, protected:]
-    tail = tail / tail.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    tail = F.normalize(metric[:, protected:], dim=-1, eps=1e-12)
     a, b = tail[:, ::2], tail[:, 1::2]
     scores = a @ b.transpose(-1, -2)
     if valid is not None:
@@ -82,17 +94,21 @@ def bipartite_soft_matching(
         scores = scores.masked_fill(mismatch, FORBIDDEN_SCORE)
 
     best_score, best_dst = scores.max(dim=-1)
-    src, unmerged = split_top_k(best_score, r)
-    dst = best_dst.gather(1, src)
-    slot = output_slots(protected, unmerged, src, dst, metric.shape[1])
-    return Matching(protected, unmerged[..., None], src[..., None], dst[..., None], slot)
+    merged = top_k_mask(best_score, r)
+    slot = output_slots(protected, merged, best_dst, r, metric.shape[1])
+    return Matching(protected, merged, best_dst, slot, r)
 
 
 def merge_sum(m: Matching, x: torch.Tensor) -> torch.Tensor:
     """Sum merged tokens of x (B, N, C) into their destinations: (B, N - r, C)."""
     batch, n, channels = x.shape
-    out = x.new_zeros(batch, n - m.r, channels)
-    return out.scatter_add(1, m.slot[..., None].expand(-1, -1, channels), x)
+    if capturing_graph():
+        out = x.new_zeros(batch, n - m.r, channels)
+        return out.scatter_add(1, m.slot[..., None].expand(-1, -1, channels), x)
+    # Eager: whole rows added at once, 5-10x faster than scatter_add's per-element indexing on CPU.
+    rows = (m.slot + torch.arange(batch, device=x.device)[:, None] * (n - m.r)).reshape(-1)
+    out = x.new_zeros(batch * (n - m.r), channels).index_add_(0, rows, x.reshape(batch * n, channels))
+    return out.view(batch, n - m.r, channels)
 
 
 def merge_weighted(

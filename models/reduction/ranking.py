@@ -45,6 +45,14 @@ def split_top_k(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return order[:, :k].sort(dim=-1).values, order[:, k:].sort(dim=-1).values
 
 
+def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, N) bool: the k highest scores per row, ties broken as in split_top_k."""
+    if capturing_graph():
+        return descending_rank(score) < k
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    return torch.zeros_like(score, dtype=torch.bool).scatter(-1, order[:, :k], True)
+
+
 def split_top_k_by_rank(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """split_top_k from comparisons, cumsum and scatter only (what traced graphs record)."""
     chosen = (descending_rank(score) < k).long()

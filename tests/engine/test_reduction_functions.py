@@ -14,7 +14,7 @@ from models.reduction.condense import condense, connectivity
 from models.reduction.evit import evit
 from models.reduction.merge import bipartite_soft_matching, merge_sum, merge_tokens
 from models.reduction.prune import text_to_image_saliency
-from models.reduction.ranking import split_top_k, split_top_k_by_rank
+from models.reduction.ranking import descending_rank, split_top_k, split_top_k_by_rank, top_k_mask
 
 
 def _tokens(b=2, n=17, c=8, seed=0):
@@ -52,6 +52,9 @@ def test_the_eager_top_k_split_is_the_traced_graphs_permutation_ties_included():
         chosen, rest = split_top_k(score, k)
         by_rank = split_top_k_by_rank(score, k)
         assert torch.equal(chosen, by_rank[0]) and torch.equal(rest, by_rank[1])
+        mask = top_k_mask(score, k)
+        assert torch.equal(mask, descending_rank(score) < k)
+        assert torch.equal(mask.nonzero()[:, 1].view(5, k), chosen)
     traced = torch.jit.trace(lambda s: split_top_k(s, 7), (score,), check_trace=False)
     assert "sort" not in str(traced.graph)
     assert torch.equal(traced(score)[0], split_top_k(score, 7)[0])
