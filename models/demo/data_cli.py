@@ -57,7 +57,7 @@ def register(subparsers) -> None:
         "--questions-per-scene",
         type=int,
         default=None,
-        help="default 4 for train and val, 5 for test (20k / 2k / 5k questions)",
+        help="default 24 for train, 4 for val, 5 for test (120k / 2k / 5k questions)",
     )
     sc.add_argument(
         "--sample",

@@ -74,7 +74,7 @@ CACHE_BATCH = 32
 # Training images whose tower outputs are cached (of easy-VQA's 4,000): the cache is the slow part
 # of the run (about 8 images/s unreduced on 2 cores), and more images add little on this data.
 TRAIN_IMAGES = 2000
-# Scenes: more images (the questions are harder, and there are four a scene, not twelve).
+# Scenes: more images (the questions are harder).
 SCENES_TRAIN_IMAGES = 3000
 
 

@@ -25,7 +25,15 @@ from models.plan import LEVELS
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
-STUDIES = ("bookkeeping", "engine_speed", "export_speed", "fidelity", "lookupvit_speed", "serving")
+STUDIES = (
+    "bookkeeping",
+    "engine_speed",
+    "export_speed",
+    "fidelity",
+    "lookupvit_speed",
+    "scenes_readout",
+    "serving",
+)
 MiB = 2**20
 
 
@@ -274,6 +282,28 @@ def test_every_study_is_a_module_with_a_main(study, capsys):
         module.main(["--help"])
     assert exited.value.code == 0
     assert f"python -m bench.{study}" in capsys.readouterr().out
+
+
+def test_scenes_readout_trains_on_the_sample_with_each_question_count(tmp_path):
+    from bench import scenes_readout
+    from models.demo.scenes import QUESTION_TYPES, SAMPLE
+
+    out = tmp_path / "readout.json"
+    argv = ["--scenes", str(SAMPLE), "--images", "16", "--held-out", "4", "--steps", "6", "--every", "3"]
+    scenes_readout.main([*argv, "--questions-per-scene", "2", "6", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["command"].startswith("python -m bench.scenes_readout --scenes")
+    few, many = record["results"]["2"], record["results"]["6"]
+    assert few["questions"] == 32 and few["held_out_questions"] == 8
+    assert (
+        many["questions"] > few["questions"]
+        and many["train_questions"] + many["held_out_questions"] == many["questions"]
+    )
+    for result in (few, many):
+        assert [point["step"] for point in result["curve"]] == [3, 6]
+        for point in result["curve"]:
+            assert 0 <= point["held_out"] <= 100 and point["train_loss"] > 0
+            assert set(point["by_type"]) <= set(QUESTION_TYPES)
 
 
 def test_bookkeeping_clock_sees_both_stages_and_leaves_the_methods_as_they_were():
