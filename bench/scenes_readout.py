@@ -54,19 +54,8 @@ class ReadOut(nn.Module):
         return self.answer(torch.cat([question, *reads], dim=-1))
 
 
-def tower_tokens(images: np.ndarray) -> torch.Tensor:
-    """The unreduced tower's output per image (fp16)."""
-    from models.demo.two_stream import cache_tower, load_towers
-
-    _, _, probe = load_towers()
-    return cache_tower(probe, images, settings=("none",)).x["none"]
-
-
-def question_states(texts: list[str]) -> torch.Tensor:
+def question_states(probe, tokenizer, texts: list[str]) -> torch.Tensor:
     """Mean MiniLM state of each text (padding left out)."""
-    from models.demo.two_stream import load_towers
-
-    _, tokenizer, probe = load_towers()
     out = []
     with torch.inference_mode():
         for start in range(0, len(texts), 512):
@@ -79,16 +68,18 @@ def question_states(texts: list[str]) -> torch.Tensor:
 
 @torch.inference_mode(False)
 @torch.enable_grad()
-def run(seed: int, n_images: int, held_out: int, per_scene: int, tokens: torch.Tensor, args) -> dict:
+def run(data_seed: int, towers, tokens: torch.Tensor, per_scene: int, args) -> dict:
+    """Train and score the read-out on `per_scene` questions of each of the len(tokens) scenes."""
     from models.demo.scenes import ANSWERS
     from models.demo.scenes.dataset import make_scene, rng_for
     from models.demo.scenes.questions import questions_for
 
+    n_images, held_out = len(tokens), args.held_out
     asked = [
         (i, q)
         for i in range(n_images)
         for q in questions_for(
-            make_scene(seed, "train", i), rng_for(seed, "train", i, "questions"), per_scene
+            make_scene(data_seed, "train", i), rng_for(data_seed, "train", i, "questions"), per_scene
         )
     ]
     image = np.array([i for i, _ in asked])
@@ -96,7 +87,7 @@ def run(seed: int, n_images: int, held_out: int, per_scene: int, tokens: torch.T
     answers = torch.tensor([ANSWERS.index(q.answer) for _, q in asked])
     texts = sorted({q.text for _, q in asked})
     where = {t: i for i, t in enumerate(texts)}
-    question = question_states(texts)[torch.tensor([where[q.text] for _, q in asked])]
+    question = question_states(*towers, texts)[torch.tensor([where[q.text] for _, q in asked])]
     train, test = np.flatnonzero(image < n_images - held_out), np.flatnonzero(image >= n_images - held_out)
 
     torch.manual_seed(args.seed)
@@ -146,6 +137,7 @@ def run(seed: int, n_images: int, held_out: int, per_scene: int, tokens: torch.T
 
 def main(argv: list[str] | None = None) -> None:
     from models.demo.scenes import load_split
+    from models.demo.two_stream import cache_tower, load_towers
 
     parser = argparse.ArgumentParser(
         prog="python -m bench.scenes_readout", description=__doc__.split("\n\n")[0]
@@ -168,10 +160,10 @@ def main(argv: list[str] | None = None) -> None:
 
     manifest = json.loads((args.scenes / "manifest.json").read_text())
     split = load_split(args.scenes, "train")
-    tokens = tower_tokens(split.images[: args.images])
+    _, tokenizer, probe = load_towers()
+    tokens = cache_tower(probe, split.images[: args.images], settings=("none",)).x["none"]
     results = {
-        str(n): run(manifest["seed"], len(tokens), args.held_out, n, tokens, args)
-        for n in args.questions_per_scene
+        str(n): run(manifest["seed"], (probe, tokenizer), tokens, n, args) for n in args.questions_per_scene
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {

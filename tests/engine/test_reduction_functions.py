@@ -43,6 +43,10 @@ def test_merge_sum_matches_a_per_token_loop(n, protected):
             bb[d] += a[s]
         expected = torch.cat([x[b, :protected], a[m.unmerged[b, :, 0]], bb])
         torch.testing.assert_close(out[b], expected)
+    # A traced graph takes the export path (scatter_add, no index_add) to the same sums.
+    traced = torch.jit.trace(lambda t: merge_sum(m, t), (x,), check_trace=False)
+    assert "index_add" not in str(traced.graph) and "scatter_add" in str(traced.graph)
+    torch.testing.assert_close(traced(x), out)
 
 
 def test_the_eager_top_k_split_is_the_traced_graphs_permutation_ties_included():
