@@ -103,11 +103,14 @@ def build_vilt(kind: str, layers: int = 6) -> torch.nn.Module:
     return cls[kind](vilt_config(layers)).eval()
 
 
-TWO_STREAM_KINDS = ["two-stream", "two-stream-vqa", "two-stream-retrieval"]
+# "-text-query": the VQA model whose heads read the image by the pooled text (image_pooling)
+TWO_STREAM_KINDS = ["two-stream", "two-stream-vqa", "two-stream-vqa-text-query", "two-stream-retrieval"]
 TWO_STREAM_TOWERS = ["dinov2", "vit", "clip-vision"]
 
 
-def two_stream_config(tower: str = "dinov2", fusion_layers: int = 2, text_query_layers=(1, 2, 3)):
+def two_stream_config(
+    tower: str = "dinov2", fusion_layers: int = 2, text_query_layers=(1, 2, 3), image_pooling: str = "cls"
+):
     """text_query_layers: tower layers with a question query (the `text-evit` method needs them)."""
     from models.two_stream import TwoStreamConfig
 
@@ -130,6 +133,7 @@ def two_stream_config(tower: str = "dinov2", fusion_layers: int = 2, text_query_
         max_text_tokens=16,
         num_labels=7,
         text_query_layers=list(text_query_layers),
+        image_pooling=image_pooling,
     )
 
 
@@ -142,9 +146,12 @@ def build_two_stream(
     cls = {
         "two-stream": TwoStreamModel,
         "two-stream-vqa": TwoStreamForQuestionAnswering,
+        "two-stream-vqa-text-query": TwoStreamForQuestionAnswering,
         "two-stream-retrieval": TwoStreamForImageTextMatching,
     }[kind]
-    return _randomise_layerscale(cls(two_stream_config(tower, fusion_layers, text_query_layers))).eval()
+    pooling = "text_query" if kind.endswith("-text-query") else "cls"
+    config = two_stream_config(tower, fusion_layers, text_query_layers, pooling)
+    return _randomise_layerscale(cls(config)).eval()
 
 
 def vilt_inputs(batch: int = 3, text_len: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:

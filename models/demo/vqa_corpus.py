@@ -11,6 +11,7 @@ import numpy as np
 from models.demo import data
 from models.demo.scenes import ANSWERS as SCENE_ANSWERS
 from models.demo.scenes import SceneSplit
+from models.demo.scenes.graph import covered_patches
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,10 @@ class VQACorpus:
     question_image: np.ndarray  # image index of each question
     vocabulary: tuple[str, ...]  # the answer classes, in head order
     forms: tuple[tuple, ...]  # per question: what batches balance over
+    # (questions, patches) bool: the image patches of the objects each question names (raster
+    # order); None when the data has no scene graphs (easy-VQA). Questions naming nothing that is
+    # there ("is there a red star?" -> no) have an empty row.
+    grounding: np.ndarray | None = None
 
     def first_images(self, n: int) -> VQACorpus:
         """The corpus cut to its first n images and their questions."""
@@ -34,6 +39,7 @@ class VQACorpus:
             self.question_image[keep],
             self.vocabulary,
             tuple(self.forms[i] for i in keep),
+            None if self.grounding is None else self.grounding[keep],
         )
 
 
@@ -62,9 +68,17 @@ def easy_vqa(split: data.Split) -> VQACorpus:
     )
 
 
-def scenes(split: SceneSplit) -> VQACorpus:
+def scenes(split: SceneSplit, grid: int | None = None) -> VQACorpus:
     """The scenes set balances its answers within each question type by construction, so batches
-    only balance the types (counting and relations are as frequent as colour questions)."""
+    only balance the types (counting and relations are as frequent as colour questions).
+    grid: the model's patch grid side, for `grounding` (None: no grounding)."""
+    grounding = None
+    if grid is not None:
+        rows = [
+            covered_patches([split.scenes[s].objects[t] for t in targets], grid)
+            for s, targets in zip(split.question_image, split.targets, strict=True)
+        ]
+        grounding = np.stack(rows) if rows else np.zeros((0, grid * grid), dtype=bool)
     return VQACorpus(
         "scenes",
         split.images,
@@ -73,4 +87,5 @@ def scenes(split: SceneSplit) -> VQACorpus:
         split.question_image,
         SCENE_ANSWERS,
         tuple((t,) for t in split.types),
+        grounding,
     )

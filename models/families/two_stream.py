@@ -277,7 +277,7 @@ class TwoStreamTransformer(ReducibleModel):
         )
         counts = [(input_ids.shape[1], n) for n in vision.trace.image_tokens]
         text, image = self.fuse(text, image, plan, counts)
-        t, i, pooled = self.base.pool(text.x, image.x, text_weight(text))
+        t, i, pooled = self.base.pool(text.x, image.x, text_weight(text), image.size)
         logits = self.model.head(pooled) if self.head is not None else None
         maps = {}
         if track_source:  # the tower's layers, then the fusion layers' image tokens

@@ -5,6 +5,8 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+IMAGE_POOLING = ("cls", "text_query")
+
 
 class TwoStreamConfig(PretrainedConfig):
     """A vision tower (any ViT-like Hugging Face config: DINOv2, ViT, DeiT, CLIP vision), a text
@@ -19,6 +21,10 @@ class TwoStreamConfig(PretrainedConfig):
     text_query_layers: vision tower layers (0-based) that get a query projected from the text
     tower's pooled output, which text-informed pruning in the tower scores image tokens by; empty:
     the model has no such projections (and no `text-evit` method).
+    image_pooling: what the heads read of the image stream: "cls", its [CLS] token (METER's
+    pooler), or "text_query", the image tokens read by attention with the pooled text as the query
+    (on multi-object scenes the fusion layers with a [CLS] pooler do not learn to answer about the
+    object a question names: docs/demo-models.md).
     """
 
     model_type = "tokenlean-two-stream"
@@ -40,11 +46,14 @@ class TwoStreamConfig(PretrainedConfig):
     max_text_tokens: int = 32
     tokenlean_weight_sources: dict | None = None
     text_query_layers: list[int] | tuple[int, ...] = ()
+    image_pooling: str = "cls"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.image_pooling not in IMAGE_POOLING:
+            raise ValueError(f"image_pooling {self.image_pooling!r} is not one of {IMAGE_POOLING}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of the patch size {self.patch_size}"

@@ -2,8 +2,9 @@
 supported Hugging Face encoders), their outputs projected to one width and tagged by modality,
 then co-attention fusion layers. Each fusion layer runs, per stream: self-attention,
 cross-attention to the other stream, MLP (pre-norm). Both streams' cross-attentions read the
-other stream after its self-attention, so the two run side by side. Heads read the two streams'
-first tokens ([CLS] of the text, [CLS] of the image), each through a tanh pooler.
+other stream after its self-attention, so the two run side by side. Heads read the text stream's
+mean and the image stream's [CLS] (or, with `image_pooling="text_query"`, the image tokens read by
+attention from that text mean), each through a tanh pooler.
 
 A fusion layer's forward is `attend` then `feed_forward`, so a reduced forward
 (models/families/two_stream.py) can remove tokens between them with the same modules.
@@ -68,6 +69,30 @@ class Attention(nn.Module):
 
     def forward(self, query, context, bias=None) -> torch.Tensor:
         return self.output(*self.project(query, context), bias)
+
+
+class TextQueryPool(nn.Module):
+    """The image stream read by the question: the pooled text queries the image tokens by multi-head
+    attention, a merged token weighing as many as the patches it stands for (log-size bias, as in
+    ToMe's proportional attention)."""
+
+    def __init__(self, config: TwoStreamConfig):
+        super().__init__()
+        self.attn = Attention(config)
+
+    def forward(
+        self, text: torch.Tensor, image: torch.Tensor, image_size: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """text (B, D), image (B, N, D) -> (what it read (B, D), head-averaged attention (B, N))."""
+        attn = self.attn
+        q, k, v = attn.project(text.unsqueeze(1), image)
+        logits = (q @ k.transpose(-1, -2)) * attn.scale
+        if image_size is not None:
+            logits = logits + image_size.to(logits.dtype).clamp_min(1e-6).log()[:, None, None, :]
+        probs = logits.softmax(dim=-1)
+        b, heads, _, head_dim = q.shape
+        read = attn.o_proj((probs @ v).reshape(b, heads * head_dim))
+        return read, probs.mean(dim=1)[:, 0]
 
 
 class FusionStream(nn.Module):
@@ -159,6 +184,7 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         self.image_pool = nn.Linear(d, d)
         vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
         self.text_query = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in config.text_query_layers)
+        self.image_query = TextQueryPool(config) if config.image_pooling == "text_query" else None
         self.post_init()
 
     def text_queries(self, text_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -195,10 +221,27 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         return t, i
 
     def pool(
-        self, t: torch.Tensor, i: torch.Tensor, text_weight: torch.Tensor | None
+        self,
+        t: torch.Tensor,
+        i: torch.Tensor,
+        text_weight: torch.Tensor | None,
+        image_size: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Final norms, then [text mean, image CLS] through their poolers: (t, i, (B, 2D)).
+        """Final norms, then [text mean, image summary] through their poolers: (t, i, (B, 2D)).
+        See pool_and_look."""
+        return self.pool_and_look(t, i, text_weight, image_size)[:3]
+
+    def pool_and_look(
+        self,
+        t: torch.Tensor,
+        i: torch.Tensor,
+        text_weight: torch.Tensor | None,
+        image_size: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """pool, and where the image summary looked: (B, image tokens) head-averaged attention of
+        the "text_query" pooling (None for "cls").
         text_weight (B, Nt): input tokens each text token stands for, 0 for padding (None: 1 each).
+        image_size (B, Ni): patches each image token stands for (None: 1 each).
         The text stream is mean-pooled, as its sentence-embedding tower was trained: its [CLS]
         barely tells "is there a red shape?" from "... blue shape?", and a head reading it could
         only answer from the wording."""
@@ -208,8 +251,13 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         else:
             w = text_weight.to(t.dtype).unsqueeze(-1)
             text = (t * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-6)
-        pooled = torch.cat([torch.tanh(self.text_pool(text)), torch.tanh(self.image_pool(i[:, 0]))], dim=-1)
-        return t, i, pooled
+        look = None
+        if self.image_query is None:
+            image = i[:, 0]
+        else:
+            image, look = self.image_query(text, i, image_size)
+        pooled = torch.cat([torch.tanh(self.text_pool(text)), torch.tanh(self.image_pool(image))], dim=-1)
+        return t, i, pooled, look
 
     def forward(
         self,

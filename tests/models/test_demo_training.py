@@ -12,8 +12,17 @@ from conftest import build_two_stream, vilt_inputs
 from torch import nn
 
 from models.demo.training import Schedule, optimise, train_mode
-from models.demo.two_stream import TOWER_SETTINGS, balanced_batches, draw_tower_setting, start_as_identity
+from models.demo.two_stream import (
+    TOWER_SETTINGS,
+    balanced_batches,
+    draw_tower_setting,
+    fused_logits,
+    grounding_loss,
+    start_as_identity,
+    unreduced_fusion,
+)
 from models.demo.vqa_corpus import question_form
+from models.families.registry import reducible
 
 
 def test_frozen_towers_train_without_dropout():
@@ -81,6 +90,36 @@ def test_fusion_layers_that_start_as_identity_pass_the_towers_outputs_through():
     out = base(**inputs)
     assert torch.allclose(out.text_hidden_state, base.text_norm(t), atol=1e-6)
     assert torch.allclose(out.image_hidden_state, base.image_norm(i), atol=1e-6)
+
+
+def test_grounding_loss_is_minus_log_the_attention_mass_on_the_named_objects():
+    patches = torch.zeros(3, 8, dtype=torch.bool)
+    patches[0, :2] = True  # two patches named
+    patches[1, 5] = True
+    # nothing named in row 2 ("is there a red star?" -> no): it does not count
+    on_target = torch.zeros(3, 9)  # [CLS] first
+    on_target[0, 1:3] = torch.tensor([0.9, 0.1])  # inside the named patches, however spread
+    on_target[1, 6] = 1.0
+    on_target[2, 0] = 1.0
+    assert grounding_loss([on_target], patches).item() == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.full((3, 9), 1 / 9)
+    expected = -(np.log(2 / 9) + np.log(1 / 9)) / 2
+    assert grounding_loss([uniform, on_target], patches).item() == pytest.approx(expected / 2, rel=1e-5)
+    assert grounding_loss([uniform], torch.zeros(3, 8, dtype=torch.bool)) is None
+
+
+@pytest.mark.parametrize("kind", ["two-stream-vqa", "two-stream-vqa-text-query"])
+def test_the_grounded_forward_is_the_unreduced_fused_forward(kind):
+    rm = reducible(build_two_stream(kind))
+    inputs = vilt_inputs()
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    x = rm.base.vision_tokens(inputs["pixel_values"])
+    size = torch.ones(x.shape[:2])
+    logits, looks = unreduced_fusion(rm, ids, mask, x)
+    assert torch.allclose(logits, fused_logits(rm, ids, mask, x, size, "none", "none"), atol=1e-5)
+    assert len(looks) == rm.num_fusion_layers + (kind.endswith("text-query"))
+    for look in looks:
+        assert look.shape == x.shape[:2] and torch.allclose(look.sum(1), torch.ones(len(x)), atol=1e-5)
 
 
 def test_train_demo_only_names_a_family_with_a_recipe(tmp_path):

@@ -38,6 +38,8 @@ from models.demo.scenes import (
     render,
 )
 from models.demo.scenes.dataset import rng_for
+from models.demo.scenes.graph import covered_patches
+from models.demo.vqa_corpus import scenes as scenes_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"train": 4, "val": 2, "test": 2}
@@ -314,6 +316,31 @@ def test_load_split_reads_the_sample():
     assert split.question_image.max() < len(split.scenes)
     assert len(split.captions) == len(split.caption_image) > 0
     assert load_split(SAMPLE, "test", images=False).images is None
+
+
+def test_covered_patches_are_the_grid_cells_an_objects_box_reaches_into():
+    # 224 px in a 16 x 16 grid: 14 px cells. Box x 20-40, y 3-13 -> columns 1-2, row 0.
+    obj = Obj("square", "red", "medium", x=30.0, y=8.0, extent=10.0, rgb=(255, 0, 0))
+    cells = covered_patches([obj], 16).reshape(16, 16)
+    assert sorted(zip(*np.nonzero(cells), strict=True)) == [(0, 1), (0, 2)]
+    corner = Obj("star", "red", "small", x=212.0, y=221.0, extent=12.0, rgb=(255, 0, 0))  # y to 227
+    assert np.flatnonzero(covered_patches([corner], 16)).tolist() == [15 * 16 + 14, 15 * 16 + 15]
+    assert not covered_patches([], 16).any()
+
+
+def test_grounding_marks_the_cells_under_every_object_a_question_names():
+    split = load_split(SAMPLE, "train")
+    corpus = scenes_corpus(split, grid=16)
+    assert corpus.grounding.shape == (len(split.questions), 256)
+    assert scenes_corpus(split).grounding is None
+    for q, (image, targets) in enumerate(zip(split.question_image, split.targets, strict=True)):
+        row = corpus.grounding[q].reshape(16, 16)
+        assert row.any() == bool(targets)
+        for t in targets:
+            o = split.scenes[image].objects[t]
+            assert row[int(o.y // 14), int(o.x // 14)]  # the cell under its centre
+    kept = corpus.first_images(3)
+    assert len(kept.grounding) == len(kept.questions)
 
 
 def test_the_checked_in_sample_is_what_the_generator_writes_now(tmp_path):

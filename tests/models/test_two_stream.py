@@ -203,3 +203,13 @@ def test_text_evit_needs_a_query_at_every_layer_evit_prunes_at():
         with pytest.raises(ValueError, match="does not apply"):
             ids, px, mask = inputs(batch=1)
             rm(ids, px, mask, plan=named_plan(reducible(build_two_stream()), "high", "text-evit"))
+
+
+def test_text_query_pooling_weighs_a_merged_token_as_the_patches_it_stands_for():
+    pool = build_two_stream("two-stream-vqa-text-query").two_stream.image_query
+    g = torch.Generator().manual_seed(0)
+    text, a, b = (torch.randn(2, 1, 32, generator=g) for _ in range(3))
+    repeated, _ = pool(text[:, 0], torch.cat([a, b, b], dim=1), torch.ones(2, 3))
+    merged, look = pool(text[:, 0], torch.cat([a, b], dim=1), torch.tensor([[1.0, 2.0]] * 2))
+    assert torch.allclose(repeated, merged, atol=1e-6)
+    assert torch.allclose(look.sum(1), torch.ones(2), atol=1e-6)

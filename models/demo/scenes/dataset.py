@@ -173,6 +173,7 @@ class SceneSplit:
     answers: tuple[str, ...]
     types: tuple[str, ...]
     target_sizes: tuple[str, ...]
+    targets: tuple[tuple[int, ...], ...]  # per question: the objects (indices into its scene) it names
     question_image: np.ndarray  # scene index of each question
     captions: tuple[Caption, ...]
     caption_image: np.ndarray  # scene index of each caption
@@ -206,6 +207,7 @@ def load_split(folder: str | Path, name: str, images: bool = True) -> SceneSplit
         answers=tuple(q["answer"] for q in questions),
         types=tuple(q["type"] for q in questions),
         target_sizes=tuple(q["target_size"] for q in questions),
+        targets=tuple(tuple(q["targets"]) for q in questions),
         question_image=np.array([index[q["scene"]] for q in questions], dtype=np.int64),
         captions=tuple(Caption.from_dict(c) for c in captions),
         caption_image=np.array([index[c["scene"]] for c in captions], dtype=np.int64),

@@ -9,6 +9,7 @@ square of side `extent` centred on (x, y): the shapes are drawn to fill it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +130,18 @@ def gap(a: Obj, b: Obj) -> float:
 
 def centre_distance(a: Obj, b: Obj) -> float:
     return math.sqrt((a.x - b.x) ** 2 + (a.y - b.y) ** 2)
+
+
+def covered_patches(objects: Sequence[Obj], grid: int) -> np.ndarray:
+    """(grid * grid,) bool in raster order: the cells of a grid x grid split of the image that any
+    of the objects' boxes reaches into."""
+    cell = REFERENCE / grid
+    covered = np.zeros((grid, grid), dtype=bool)
+    for o in objects:
+        c0, c1 = (min(grid - 1, max(0, int(v // cell))) for v in (o.x0, o.x1))
+        r0, r1 = (min(grid - 1, max(0, int(v // cell))) for v in (o.y0, o.y1))
+        covered[r0 : r1 + 1, c0 : c1 + 1] = True
+    return covered.reshape(-1)
 
 
 def fits(new: Obj, placed: list[Obj]) -> bool:
