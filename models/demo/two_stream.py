@@ -70,7 +70,7 @@ FUSION_LR_SCALE = 0.1
 # On data with scene graphs (the scenes set), this first part of the VQA schedule trains unreduced
 # with grounding_loss beside the answers' (the fusion otherwise stays at chance on the scenes:
 # docs/demo-models.md); later steps add it whenever they draw the unreduced setting.
-GROUNDING_STEPS = 0.3
+GROUNDED_FRACTION = 0.3
 # The fusion layers and heads are stored in fp16 (about 10 MB a model instead of 20) and load as
 # fp32; docs/demo-models.md has the accuracy of the shipped (fp16-stored) weights.
 STORED_DTYPE = torch.float16
@@ -354,7 +354,7 @@ def train_vqa(
     def run(schedule: Schedule):
         rng, prng = np.random.default_rng(ctx.seed), random.Random(ctx.seed)
         stream = balanced_batches(train.forms, schedule.batch, rng)
-        grounding_steps = int(GROUNDING_STEPS * schedule.steps) if grounded else 0
+        grounding_steps = int(GROUNDED_FRACTION * schedule.steps) if grounded else 0
 
         def loss_fn(step: int) -> torch.Tensor:
             idx = torch.from_numpy(next(stream))
