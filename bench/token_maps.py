@@ -4,6 +4,8 @@ each level, for a few test scenes and their questions)."""
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import torch
 
@@ -91,11 +93,12 @@ def plot_scene_maps(plt, report: dict, path) -> bool:
     rows = [
         (e, key.split("/")[0]) for e in subject["token_maps"] for key in e["maps"] if key.endswith("/low")
     ]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(9, 2.4 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 4, figsize=(9, 2.4 * len(rows)), squeeze=False, layout="constrained")
     for (entry, method), ax_row in zip(rows, axes, strict=True):
         image = split.images[index[entry["scene"]]]
         ax_row[0].imshow(image)
-        ax_row[0].set_title(f"{entry['question']}\n(answer: {entry['answer']})", fontsize=7)
+        question = textwrap.fill(entry["question"], 36)
+        ax_row[0].set_title(f"{question}\n(answer: {entry['answer']})", fontsize=7)
         for ax, level in zip(ax_row[1:], ("low", "medium", "high"), strict=True):
             m = entry["maps"][f"{method}/{level}"]
             tokens = np.asarray(m["token_of_patch"])
@@ -109,7 +112,6 @@ def plot_scene_maps(plt, report: dict, path) -> bool:
         "patches dark grey)",
         fontsize=9,
     )
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
