@@ -19,6 +19,7 @@ from bench.report import DOCS
 
 RESULTS = Path("bench/results")
 QUICK_RESULTS = RESULTS / "quick"
+SPEED_RESULTS = RESULTS / "speed-only"
 # Options recorded in a run's command line besides --quick and --only: (flag, attribute).
 RECORDED = (
     ("--out", "out"),
@@ -28,6 +29,7 @@ RECORDED = (
     ("--accuracy-limit", "accuracy_limit"),
     ("--docs", "docs"),
     ("--merge", "merge"),
+    ("--speed-only", "speed_only"),
 )
 
 
@@ -65,6 +67,13 @@ def register(subparsers) -> None:
     )
     bench.add_argument("--seconds-per-case", type=float, default=None, help="timing budget per batch size")
     bench.add_argument("--accuracy-limit", type=int, default=None, help="first N test items only")
+    bench.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="time every variant (speed, memory, FLOPs) without the accuracy pass, which is most of a "
+        f"full run on CPU: to re-time on other hardware (default --out {SPEED_RESULTS}; leaves the "
+        "docs alone unless --docs is given; does not --merge)",
+    )
     bench.add_argument(
         "--docs",
         default=None,
@@ -124,13 +133,17 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         quick = args.quick
         if args.merge and not only:
             parser.error("--merge: name the subjects to replace with --only")
-    docs = Path(args.docs) if args.docs else (None if quick else DOCS)
+        if args.merge and args.speed_only:
+            parser.error("--merge: a --speed-only run has no accuracy to replace the results' with")
+    speed_only = args.speed_only and not args.from_json
+    docs = Path(args.docs) if args.docs else (None if quick or speed_only else DOCS)
     if docs is not None:
         try:
             report.check_docs(docs)  # before a run that can take half an hour
         except ValueError as exc:
             parser.error(str(exc))
-    out = Path(args.out) if args.out else (QUICK_RESULTS if quick else RESULTS)
+    default_out = SPEED_RESULTS if speed_only else QUICK_RESULTS if quick else RESULTS
+    out = Path(args.out) if args.out else default_out
 
     if not args.from_json:
         from bench.run import Settings, run
@@ -140,6 +153,7 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             "batches": args.batches,
             "seconds_per_case": args.seconds_per_case,
             "accuracy_limit": args.accuracy_limit,
+            "accuracy": False if args.speed_only else None,
         }
         settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
         if args.merge:

@@ -26,6 +26,7 @@ class Settings:
     max_rounds: int = 200
     warmup: int = 1
     accuracy_limit: int | None = None  # first N test items (None: the whole split)
+    accuracy: bool = True  # False: speed, memory and FLOPs only (no accuracy pass, no scene maps)
 
     @classmethod
     def quick(cls) -> Settings:
@@ -64,7 +65,8 @@ def rounds_for(calls: dict, settings: Settings, device: torch.device) -> int:
 def bench_subject(subject: Subject, settings: Settings) -> dict:
     device = subject.device
     rows = [describe(subject, v) for v in subject.variants]
-    if subject.bundles:
+    scored = subject.bundles and settings.accuracy
+    if scored:
         for v, row in zip(tqdm(subject.variants, desc=f"{subject.name} accuracy"), rows, strict=True):
             row["metrics"] = subject.accuracy(v, settings.accuracy_limit)
     for row in rows:
@@ -82,7 +84,7 @@ def bench_subject(subject: Subject, settings: Settings) -> dict:
             stats["peak_memory_bytes"] = peak_bytes(calls[v.name], device)
             row["speed"][str(batch)] = stats
     main = subject.main
-    maps = scene_maps(subject) if subject.data == "scenes" else None
+    maps = scene_maps(subject) if scored and subject.data == "scenes" else None
     return {
         "name": subject.name,
         "task": subject.task,
@@ -91,8 +93,8 @@ def bench_subject(subject: Subject, settings: Settings) -> dict:
         "architecture": main.kind,
         "input_size": main.config.image_size,
         "text_tokens": subject.n_text,
-        "metric": METRIC[subject.task] if subject.bundles else None,
-        "accuracy_items": rows[0]["metrics"]["n"] if subject.bundles else None,
+        "metric": METRIC[subject.task] if scored else None,
+        "accuracy_items": rows[0]["metrics"]["n"] if scored else None,
         "data": subject.data,
         "variants": rows,
         **({"token_maps": maps} if maps else {}),

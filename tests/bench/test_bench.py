@@ -239,6 +239,30 @@ def test_redrawing_the_committed_json_rewrites_tables_plots_and_the_docs_block(t
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
+def test_a_speed_only_run_times_every_variant_without_accuracy_or_docs(tmp_path, monkeypatch):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(f"intro\n{report.DOCS_BEGIN}\nold\n{report.DOCS_END}\n")
+    monkeypatch.setattr(cli, "DOCS", docs)
+    monkeypatch.setattr(cli, "SPEED_RESULTS", tmp_path / "speed")
+    monkeypatch.setattr("bench.subjects.Subject.accuracy", lambda *a: pytest.fail("accuracy"))
+    tokenlean(["bench", "--quick", "--speed-only", "--only", "vit-classify"])
+    results = json.loads((tmp_path / "speed" / "bench.json").read_text())
+    assert results["command"] == "tokenlean bench --quick --only vit-classify --speed-only"
+    assert not results["settings"]["accuracy"]
+    [subject] = results["subjects"]
+    assert subject["metric"] is None and subject["weights"] == "demo checkpoint"
+    assert all("metrics" not in row and set(row["speed"]) == {"1", "4"} for row in subject["variants"])
+    assert "accuracy" not in (tmp_path / "speed" / "bench.md").read_text()
+    assert docs.read_text() == f"intro\n{report.DOCS_BEGIN}\nold\n{report.DOCS_END}\n"
+
+
+def test_a_speed_only_run_does_not_merge(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("bench.run.run", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as exited:
+        tokenlean(["bench", "--speed-only", "--merge", "--only", "vqa", "--out", str(tmp_path)])
+    assert exited.value.code == 2 and "--speed-only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", ["0,16", "a", ""])
 def test_bad_batch_sizes_are_refused_before_anything_runs(bad, capsys):
     with pytest.raises(SystemExit) as exited:
