@@ -173,3 +173,25 @@ def test_the_scenes_model_offers_text_informed_pruning_in_its_tower():
     assert rm.methods == ("pumer", "tome", "tcvit", "evit", "text-evit")
     assert list(rm.base.config.text_query_layers) == [3, 6, 9]
     assert rm.flops(named_plan(rm, "high", "text-evit")) == rm.flops(named_plan(rm, "high", "evit"))
+
+
+@torch.inference_mode()
+def test_the_scenes_model_reads_single_objects_and_loses_them_under_heavy_compression():
+    """On the checked-in sample's 16 training scenes (384 questions): questions about one object
+    (exist, colour, shape, size; about 35 % by chance) are answered unreduced, and ToMe at `high`
+    (2-5 of 257 image tokens left) loses much of that: the set tells levels apart."""
+    from models.demo.evaluate import scenes_vqa_accuracy
+    from models.demo.scenes import load_split
+    from models.demo.scenes.dataset import SAMPLE
+
+    bundle = load_bundle(CHECKPOINTS / "two-stream-scenes-vqa")
+    split = load_split(SAMPLE, "train")
+
+    def single_object(plan) -> float:
+        by_type = scenes_vqa_accuracy(bundle, split, plan, None)["by_type"]
+        kinds = [by_type[t] for t in ("exist", "color", "shape", "size")]
+        return sum(k["accuracy"] * k["n"] for k in kinds) / sum(k["n"] for k in kinds)
+
+    unreduced = single_object(NO_REDUCTION)
+    assert unreduced >= 0.75, unreduced
+    assert single_object(named_plan(bundle.model, "high", "tome")) <= unreduced - 0.2
