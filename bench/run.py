@@ -65,7 +65,7 @@ def rounds_for(calls: dict, settings: Settings, device: torch.device) -> int:
 def bench_subject(subject: Subject, settings: Settings) -> dict:
     device = subject.device
     rows = [describe(subject, v) for v in subject.variants]
-    scored = subject.bundles and settings.accuracy
+    scored = bool(subject.bundles) and settings.accuracy
     if scored:
         for v, row in zip(tqdm(subject.variants, desc=f"{subject.name} accuracy"), rows, strict=True):
             row["metrics"] = subject.accuracy(v, settings.accuracy_limit)

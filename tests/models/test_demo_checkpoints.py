@@ -15,8 +15,10 @@ from safetensors import safe_open
 from models import NO_REDUCTION, named_plan
 from models.bundle import load_bundle
 from models.demo import data
-from models.demo.evaluate import caption_scores, grid_of, task_of
+from models.demo.evaluate import caption_scores, grid_of, scenes_vqa_accuracy, task_of
 from models.demo.paths import CHECKPOINTS, DEMO_CHECKPOINTS
+from models.demo.scenes import load_split
+from models.demo.scenes.dataset import SAMPLE
 from models.plan import LEVELS
 
 SLICE = slice(0, 400)
@@ -180,10 +182,6 @@ def test_the_scenes_model_reads_single_objects_and_loses_them_under_heavy_compre
     """On the checked-in sample's 16 training scenes (384 questions): questions about one object
     (exist, colour, shape, size; about 35 % by chance) are answered unreduced, and ToMe at `high`
     (2-5 of 257 image tokens left) loses much of that: the set tells levels apart."""
-    from models.demo.evaluate import scenes_vqa_accuracy
-    from models.demo.scenes import load_split
-    from models.demo.scenes.dataset import SAMPLE
-
     bundle = load_bundle(CHECKPOINTS / "two-stream-scenes-vqa")
     split = load_split(SAMPLE, "train")
 
