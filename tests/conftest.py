@@ -103,8 +103,16 @@ def build_vilt(kind: str, layers: int = 6) -> torch.nn.Module:
     return cls[kind](vilt_config(layers)).eval()
 
 
-# "-text-query": the VQA model whose heads read the image by the pooled text (image_pooling)
-TWO_STREAM_KINDS = ["two-stream", "two-stream-vqa", "two-stream-vqa-text-query", "two-stream-retrieval"]
+# "-text-query" / "-two-hop": the VQA model whose heads read the image by the pooled text, once
+# or twice (image_pooling)
+TWO_STREAM_KINDS = [
+    "two-stream",
+    "two-stream-vqa",
+    "two-stream-vqa-text-query",
+    "two-stream-vqa-two-hop",
+    "two-stream-retrieval",
+]
+POOLINGS = {"-text-query": "text_query", "-two-hop": "two_hop"}
 TWO_STREAM_TOWERS = ["dinov2", "vit", "clip-vision"]
 
 
@@ -147,9 +155,10 @@ def build_two_stream(
         "two-stream": TwoStreamModel,
         "two-stream-vqa": TwoStreamForQuestionAnswering,
         "two-stream-vqa-text-query": TwoStreamForQuestionAnswering,
+        "two-stream-vqa-two-hop": TwoStreamForQuestionAnswering,
         "two-stream-retrieval": TwoStreamForImageTextMatching,
     }[kind]
-    pooling = "text_query" if kind.endswith("-text-query") else "cls"
+    pooling = next((p for suffix, p in POOLINGS.items() if kind.endswith(suffix)), "cls")
     config = two_stream_config(tower, fusion_layers, text_query_layers, pooling)
     return _randomise_layerscale(cls(config)).eval()
 

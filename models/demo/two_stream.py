@@ -80,6 +80,9 @@ CACHE_BATCH = 32
 TRAIN_IMAGES = 2000
 # Scenes: more images (the questions are harder).
 SCENES_TRAIN_IMAGES = 3000
+# Two grounded reads of the image, one per object a question names: with one read by the mean-
+# pooled question, relations and size comparisons stayed at chance (docs/demo-models.md).
+SCENES_IMAGE_POOLING = "two_hop"
 
 
 def tower_setting(method: str, level: str) -> str:
@@ -188,8 +191,8 @@ def tower_keys(rm, images: np.ndarray, layers: Sequence[int]) -> dict[int, torch
 def unreduced_fusion(rm, ids, mask, image_x) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The fusion layers and head on unreduced tower outputs: (logits, looks), where looks holds,
     per fusion layer, where the question's text -> image cross-attention goes, averaged over heads
-    and the question's tokens: (B, image tokens), [CLS] first; then where the "text_query" image
-    pooling looked, if the model pools so."""
+    and the question's tokens: (B, image tokens), [CLS] first; then where each image read of the
+    pooling ("text_query", "two_hop") looked."""
     base = rm.base
     with torch.no_grad():
         text_states = base.text_tokens(ids, mask)
@@ -202,8 +205,8 @@ def unreduced_fusion(rm, ids, mask, image_x) -> tuple[torch.Tensor, list[torch.T
         probs = attention_probs(att.text_cross_queries, att.image_cross_keys, None, att.scale, slice(None))
         looks.append((probs * weight[..., None]).sum(dim=1))
         t, i = layer.feed_forward(t, i)
-    *_, pooled, look = base.pool_and_look(t, i, mask)
-    return rm.model.head(pooled), looks + ([] if look is None else [look])
+    *_, pooled, reads = base.pool_and_look(t, i, mask)
+    return rm.model.head(pooled), looks + list(reads)
 
 
 def cross_attention_targets(rm, ids, mask, image_x) -> torch.Tensor:
@@ -215,18 +218,37 @@ def cross_attention_targets(rm, ids, mask, image_x) -> torch.Tensor:
     return patches / patches.sum(dim=1, keepdim=True)
 
 
-def grounding_loss(looks: Sequence[torch.Tensor], patches: torch.Tensor) -> torch.Tensor | None:
+def grounding_loss(
+    looks: Sequence[torch.Tensor], patches: torch.Tensor | Sequence[torch.Tensor]
+) -> torch.Tensor | None:
     """-log of the attention mass on the patches of the objects each question names, averaged over
     the looks (unreduced_fusion) and the questions that name an object present; None when none
-    does. patches: (B, image patches) bool. The mass, not a distribution over the objects' boxes, is
-    the target: attention on any part of a named object is right, and a box's background corners
-    are not."""
-    named = patches.any(dim=1)
+    does. patches: (B, image patches) bool, for every look or one per look (those name an object
+    for the same questions). The mass, not a distribution over the objects' boxes, is the target:
+    attention on any part of a named object is right, and a box's background corners are not."""
+    targets = [patches] * len(looks) if isinstance(patches, torch.Tensor) else list(patches)
+    named = targets[0].any(dim=1)
     if not named.any():
         return None
-    on = patches[named].to(looks[0].dtype)
-    mass = torch.stack([(look[named, 1:] * on).sum(dim=1) for look in looks])
+    mass = torch.stack(
+        [
+            (look[named, 1:] * on[named].to(look.dtype)).sum(dim=1)
+            for look, on in zip(looks, targets, strict=True)
+        ]
+    )
     return -mass.clamp_min(1e-6).log().mean()
+
+
+def grounding_targets(
+    corpus: VQACorpus, questions: np.ndarray, layers: int, reads: int
+) -> list[torch.Tensor]:
+    """What each of unreduced_fusion's looks is grounded on: every fusion layer's cross-attention
+    and a single read on all the objects a question names; two reads each on its own object."""
+    named = torch.from_numpy(corpus.grounding[questions])
+    if reads == 1:
+        return [named] * (layers + 1)
+    by_object = torch.from_numpy(corpus.object_grounding[questions])
+    return [named] * layers + list(by_object.unbind(1))
 
 
 def query_log_probs(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -366,7 +388,8 @@ def train_vqa(
             ground = None
             if grounded and (tower, fusion_level) == ("none", "none"):
                 logits, looks = unreduced_fusion(rm, ids, mask, x)
-                ground = grounding_loss(looks, torch.from_numpy(train.grounding[idx.numpy()]))
+                targets = grounding_targets(train, idx.numpy(), len(rm.base.layers), model.config.image_reads)
+                ground = grounding_loss(looks, targets[: len(looks)])
             else:
                 logits = fused_logits(rm, ids, mask, x, size, tower, fusion_level)
             loss = F.cross_entropy(logits, y[idx])
@@ -525,7 +548,7 @@ def train_scenes(ctx: Context) -> dict[str, torch.nn.Module]:
         False,
         "two-stream-scenes-vqa",
         text_query_layers=TEXT_QUERY_LAYERS,
-        image_pooling="text_query",
+        image_pooling=SCENES_IMAGE_POOLING,
     )
     folder = ctx.out / TWO_STREAM_SCENES_VQA
     save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)  # kept if the next step fails

@@ -27,6 +27,10 @@ class VQACorpus:
     # order); None when the data has no scene graphs (easy-VQA). Questions naming nothing that is
     # there ("is there a red star?" -> no) have an empty row.
     grounding: np.ndarray | None = None
+    # (questions, 2, patches) bool: the patches of the object a question names first, then of the
+    # other, for questions about two objects (relation, nearest, compare); both rows `grounding`'s
+    # for the rest. What a two-read image pooling is grounded on ("two_hop").
+    object_grounding: np.ndarray | None = None
 
     def first_images(self, n: int) -> VQACorpus:
         """The corpus cut to its first n images and their questions."""
@@ -40,6 +44,7 @@ class VQACorpus:
             self.vocabulary,
             tuple(self.forms[i] for i in keep),
             None if self.grounding is None else self.grounding[keep],
+            None if self.object_grounding is None else self.object_grounding[keep],
         )
 
 
@@ -72,13 +77,15 @@ def scenes(split: SceneSplit, grid: int | None = None) -> VQACorpus:
     """The scenes set balances its answers within each question type by construction, so batches
     only balance the types (counting and relations are as frequent as colour questions).
     grid: the model's patch grid side, for `grounding` (None: no grounding)."""
-    grounding = None
+    grounding = by_object = None
     if grid is not None:
-        rows = [
-            covered_patches([split.scenes[s].objects[t] for t in targets], grid)
-            for s, targets in zip(split.question_image, split.targets, strict=True)
-        ]
+        rows, pairs = [], []
+        for s, targets in zip(split.question_image, split.targets, strict=True):
+            named = [split.scenes[s].objects[t] for t in targets]
+            rows.append(covered_patches(named, grid))
+            pairs.append([covered_patches([o], grid) for o in named] if len(named) == 2 else [rows[-1]] * 2)
         grounding = np.stack(rows) if rows else np.zeros((0, grid * grid), dtype=bool)
+        by_object = np.stack(pairs) if pairs else np.zeros((0, 2, grid * grid), dtype=bool)
     return VQACorpus(
         "scenes",
         split.images,
@@ -88,4 +95,5 @@ def scenes(split: SceneSplit, grid: int | None = None) -> VQACorpus:
         SCENE_ANSWERS,
         tuple((t,) for t in split.types),
         grounding,
+        by_object,
     )

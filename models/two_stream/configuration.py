@@ -5,7 +5,8 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-IMAGE_POOLING = ("cls", "text_query")
+IMAGE_POOLING = ("cls", "text_query", "two_hop")
+IMAGE_READS = {"cls": 1, "text_query": 1, "two_hop": 2}  # image summaries the heads get, per pooling
 
 
 class TwoStreamConfig(PretrainedConfig):
@@ -24,7 +25,9 @@ class TwoStreamConfig(PretrainedConfig):
     image_pooling: what the heads read of the image stream: "cls", its [CLS] token (METER's
     pooler), or "text_query", the image tokens read by attention with the pooled text as the query
     (on multi-object scenes the fusion layers with a [CLS] pooler do not learn to answer about the
-    object a question names: docs/demo-models.md).
+    object a question names: docs/demo-models.md), or "two_hop", two such reads for questions about
+    two objects: the first by the phrase the question names first, the second by the other phrase
+    and what the first read (modeling.TwoHopPool).
     """
 
     model_type = "tokenlean-two-stream"
@@ -58,6 +61,10 @@ class TwoStreamConfig(PretrainedConfig):
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of the patch size {self.patch_size}"
             )
+
+    @property
+    def image_reads(self) -> int:
+        return IMAGE_READS[self.image_pooling]
 
     @property
     def patch_size(self) -> int:

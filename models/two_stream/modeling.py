@@ -4,7 +4,8 @@ then co-attention fusion layers. Each fusion layer runs, per stream: self-attent
 cross-attention to the other stream, MLP (pre-norm). Both streams' cross-attentions read the
 other stream after its self-attention, so the two run side by side. Heads read the text stream's
 mean and the image stream's [CLS] (or, with `image_pooling="text_query"`, the image tokens read by
-attention from that text mean), each through a tanh pooler.
+attention from that text mean; with "two_hop", read twice, once per object the question names),
+each through a tanh pooler.
 
 A fusion layer's forward is `attend` then `feed_forward`, so a reduced forward
 (models/families/two_stream.py) can remove tokens between them with the same modules.
@@ -93,6 +94,49 @@ class TextQueryPool(nn.Module):
         b, heads, _, head_dim = q.shape
         read = attn.o_proj((probs @ v).reshape(b, heads * head_dim))
         return read, probs.mean(dim=1)[:, 0]
+
+
+class TwoHopPool(nn.Module):
+    """The image stream read twice, for questions about two objects ("is the red circle left of the
+    blue star?", "what color is the object nearest to the blue star?"). The mean-pooled question
+    barely tells that question from its swap (cosine 0.993 in MiniLM), so each hop's query adds a
+    phrase of the question pooled by its own learned token scores; the second hop's query also sees
+    what the first read. Each read is a TextQueryPool. Training grounds the first read on the
+    object the question names first and the second on the other (models/demo/two_stream.py)."""
+
+    def __init__(self, config: TwoStreamConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.phrase_scores = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 2))
+        self.first_query = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.second_query = nn.Sequential(nn.Linear(3 * d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.first, self.second = TextQueryPool(config), TextQueryPool(config)
+
+    def phrases(self, tokens: torch.Tensor, text_weight: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, D) text tokens -> (B, 2, D), each a softmax-weighted sum; a merged token counts as
+        many as the tokens it stands for, padding (weight 0) not at all."""
+        scores = self.phrase_scores(tokens)
+        if text_weight is not None:
+            w = text_weight.to(scores.dtype)[..., None]
+            scores = (scores + w.clamp_min(1e-6).log()).masked_fill(w == 0, torch.finfo(scores.dtype).min)
+        return scores.softmax(dim=1).transpose(1, 2) @ tokens
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        text_weight: torch.Tensor | None,
+        text: torch.Tensor,
+        image: torch.Tensor,
+        image_size: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, T, D), text (B, D) their pooled mean, image (B, N, D) -> (the two reads
+        (B, 2, D), their head-averaged attentions (B, 2, N))."""
+        phrases = self.phrases(tokens, text_weight)
+        query = text + self.first_query(torch.cat([text, phrases[:, 0]], -1))
+        first, look_first = self.first(query, image, image_size)
+        query = text + self.second_query(torch.cat([text, phrases[:, 1], first], -1))
+        second, look_second = self.second(query, image, image_size)
+        return torch.stack([first, second], 1), torch.stack([look_first, look_second], 1)
 
 
 class FusionStream(nn.Module):
@@ -184,7 +228,8 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         self.image_pool = nn.Linear(d, d)
         vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
         self.text_query = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in config.text_query_layers)
-        self.image_query = TextQueryPool(config) if config.image_pooling == "text_query" else None
+        pooling = {"cls": None, "text_query": TextQueryPool, "two_hop": TwoHopPool}[config.image_pooling]
+        self.image_query = None if pooling is None else pooling(config)
         self.post_init()
 
     def text_queries(self, text_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -227,8 +272,8 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         text_weight: torch.Tensor | None,
         image_size: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Final norms, then [text mean, image summary] through their poolers: (t, i, (B, 2D)).
-        See pool_and_look."""
+        """Final norms, then [text mean, image summaries] through their poolers:
+        (t, i, (B, (1 + config.image_reads) D)). See pool_and_look."""
         return self.pool_and_look(t, i, text_weight, image_size)[:3]
 
     def pool_and_look(
@@ -237,9 +282,9 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         i: torch.Tensor,
         text_weight: torch.Tensor | None,
         image_size: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """pool, and where the image summary looked: (B, image tokens) head-averaged attention of
-        the "text_query" pooling (None for "cls").
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """pool, and where each image summary read by attention looked: one (B, image tokens)
+        head-averaged attention per read ("text_query": one, "two_hop": two, "cls": none).
         text_weight (B, Nt): input tokens each text token stands for, 0 for padding (None: 1 each).
         image_size (B, Ni): patches each image token stands for (None: 1 each).
         The text stream is mean-pooled, as its sentence-embedding tower was trained: its [CLS]
@@ -251,13 +296,17 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         else:
             w = text_weight.to(t.dtype).unsqueeze(-1)
             text = (t * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-6)
-        look = None
         if self.image_query is None:
-            image = i[:, 0]
+            image, looks = i[:, 0], ()
+        elif isinstance(self.image_query, TwoHopPool):
+            image, looks = self.image_query(t, text_weight, text, i, image_size)  # (B, 2, D), (B, 2, N)
+            looks = tuple(looks.unbind(1))
         else:
             image, look = self.image_query(text, i, image_size)
-        pooled = torch.cat([torch.tanh(self.text_pool(text)), torch.tanh(self.image_pool(image))], dim=-1)
-        return t, i, pooled, look
+            looks = (look,)
+        image = torch.tanh(self.image_pool(image)).flatten(1)  # the reads side by side
+        pooled = torch.cat([torch.tanh(self.text_pool(text)), image], dim=-1)
+        return t, i, pooled, looks
 
     def forward(
         self,
@@ -274,14 +323,22 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         return TwoStreamOutput(text_hidden_state=t, image_hidden_state=i, pooler_output=pooled)
 
 
-def with_product(pooled: torch.Tensor) -> torch.Tensor:
+def with_product(pooled: torch.Tensor, reads: int = 1) -> torch.Tensor:
     """[text, image] pooled -> [text, image, text * image]. The elementwise product hands the heads
     a bilinear text-image interaction (as MLB/MCB pooling in VQA models): METER's heads see only the
     concatenation and leave every comparison of the two streams to its deep fusion, which two
     fusion layers trained on a small data set do not learn (on easy-VQA they answered "is there a
-    red shape?" from its wording alone)."""
-    t, i = pooled.chunk(2, dim=-1)
-    return torch.cat([pooled, t * i], dim=-1)
+    red shape?" from its wording alone).
+    With several image reads ([text, read 1, read 2, ...]), each read's product with the text, and
+    each consecutive pair's product and difference (what "left of" or "bigger than" compares)."""
+    t, *images = pooled.chunk(1 + reads, dim=-1)
+    pairs = [f for a, b in zip(images, images[1:], strict=False) for f in (a * b, a - b)]
+    return torch.cat([pooled, *(t * i for i in images), *pairs], dim=-1)
+
+
+def head_width(config: TwoStreamConfig) -> int:
+    """Width of with_product's output: 1 + 2 reads + 2 (reads - 1) vectors of hidden_size."""
+    return (4 * config.image_reads - 1) * config.hidden_size
 
 
 class TwoStreamForQuestionAnswering(TwoStreamPreTrainedModel):
@@ -293,7 +350,7 @@ class TwoStreamForQuestionAnswering(TwoStreamPreTrainedModel):
         self.two_stream = TwoStreamModel(config)
         d = 2 * config.hidden_size
         self.classifier = nn.Sequential(
-            nn.Linear(3 * config.hidden_size, d),
+            nn.Linear(head_width(config), d),
             nn.LayerNorm(d, eps=config.layer_norm_eps),
             nn.GELU(),
             nn.Linear(d, config.num_labels),
@@ -301,7 +358,7 @@ class TwoStreamForQuestionAnswering(TwoStreamPreTrainedModel):
         self.post_init()
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(with_product(pooled))
+        return self.classifier(with_product(pooled, self.config.image_reads))
 
     def forward(self, input_ids, pixel_values, attention_mask=None, **kwargs) -> TwoStreamOutput:
         out = self.two_stream(input_ids, pixel_values, attention_mask)
@@ -315,11 +372,11 @@ class TwoStreamForImageTextMatching(TwoStreamPreTrainedModel):
     def __init__(self, config: TwoStreamConfig):
         super().__init__(config)
         self.two_stream = TwoStreamModel(config)
-        self.rank_output = nn.Linear(3 * config.hidden_size, 1)
+        self.rank_output = nn.Linear(head_width(config), 1)
         self.post_init()
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.rank_output(with_product(pooled))
+        return self.rank_output(with_product(pooled, self.config.image_reads))
 
     def forward(self, input_ids, pixel_values, attention_mask=None, **kwargs) -> TwoStreamOutput:
         out = self.two_stream(input_ids, pixel_values, attention_mask)

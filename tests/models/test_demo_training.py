@@ -11,6 +11,7 @@ import torch
 from conftest import build_two_stream, vilt_inputs
 from torch import nn
 
+from models.demo.scenes import SAMPLE, load_split
 from models.demo.training import Schedule, optimise, train_mode
 from models.demo.two_stream import (
     TOWER_SETTINGS,
@@ -18,10 +19,11 @@ from models.demo.two_stream import (
     draw_tower_setting,
     fused_logits,
     grounding_loss,
+    grounding_targets,
     start_as_identity,
     unreduced_fusion,
 )
-from models.demo.vqa_corpus import question_form
+from models.demo.vqa_corpus import question_form, scenes
 from models.families.registry import reducible
 
 
@@ -106,9 +108,30 @@ def test_grounding_loss_is_minus_log_the_attention_mass_on_the_named_objects():
     expected = -(np.log(2 / 9) + np.log(1 / 9)) / 2
     assert grounding_loss([uniform, on_target], patches).item() == pytest.approx(expected / 2, rel=1e-5)
     assert grounding_loss([uniform], torch.zeros(3, 8, dtype=torch.bool)) is None
+    # one target per look: the second look is graded on its own patches
+    elsewhere = torch.zeros(3, 8, dtype=torch.bool)
+    elsewhere[0, 7], elsewhere[1, 0] = True, True
+    assert grounding_loss([on_target, on_target], [patches, elsewhere]).item() == pytest.approx(
+        -np.log(1e-6) / 2, rel=1e-5
+    )
 
 
-@pytest.mark.parametrize("kind", ["two-stream-vqa", "two-stream-vqa-text-query"])
+def test_two_reads_are_grounded_each_on_its_own_object():
+    split = load_split(SAMPLE, "train")
+    corpus = scenes(split, grid=16)
+    pairs = np.array([len(t) == 2 for t in split.targets])
+    questions = np.flatnonzero(pairs)[:4]
+    one = grounding_targets(corpus, questions, layers=2, reads=1)
+    two = grounding_targets(corpus, questions, layers=2, reads=2)
+    assert (len(one), len(two)) == (3, 4)  # 2 fusion layers' looks, then 1 or 2 reads
+    for target in (*one, *two[:2]):
+        assert (target.numpy() == corpus.grounding[questions]).all()
+    for k in (0, 1):
+        assert (two[2 + k].numpy() == corpus.object_grounding[questions, k]).all()
+        assert not (two[2 + k].numpy() == corpus.grounding[questions]).all()
+
+
+@pytest.mark.parametrize("kind", ["two-stream-vqa", "two-stream-vqa-text-query", "two-stream-vqa-two-hop"])
 def test_the_grounded_forward_is_the_unreduced_fused_forward(kind):
     rm = reducible(build_two_stream(kind))
     inputs = vilt_inputs()
@@ -117,7 +140,7 @@ def test_the_grounded_forward_is_the_unreduced_fused_forward(kind):
     size = torch.ones(x.shape[:2])
     logits, looks = unreduced_fusion(rm, ids, mask, x)
     assert torch.allclose(logits, fused_logits(rm, ids, mask, x, size, "none", "none"), atol=1e-5)
-    assert len(looks) == rm.num_fusion_layers + (kind.endswith("text-query"))
+    assert len(looks) == rm.num_fusion_layers + {"vqa": 0, "query": 1, "hop": 2}[kind.rpartition("-")[2]]
     for look in looks:
         assert look.shape == x.shape[:2] and torch.allclose(look.sum(1), torch.ones(len(x)), atol=1e-5)
 

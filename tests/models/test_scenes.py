@@ -340,7 +340,47 @@ def test_grounding_marks_the_cells_under_every_object_a_question_names():
             o = split.scenes[image].objects[t]
             assert row[int(o.y // 14), int(o.x // 14)]  # the cell under its centre
     kept = corpus.first_images(3)
-    assert len(kept.grounding) == len(kept.questions)
+    assert len(kept.grounding) == len(kept.questions) == len(kept.object_grounding)
+
+
+def named_in_order(question: str, objects: list[dict]) -> list[dict] | None:
+    """The two objects a relation, nearest or compare question is about, in the order it names
+    them; None for other forms."""
+    pair = r"is the (.+) (?:left of|right of|above|below|bigger than|smaller than) the (.+)\?"
+    if m := re.fullmatch(pair, question):
+        return [the(objects, m[1]), the(objects, m[2])]
+    if m := re.fullmatch(r"what (color|shape) is the object nearest to the (.+)\?", question):
+        ref = the(objects, m[2])
+        others = [o for o in objects if o is not ref]
+        return [ref, min(others, key=lambda o: np.hypot(o["x"] - ref["x"], o["y"] - ref["y"]))]
+    return None
+
+
+def test_two_object_questions_list_their_objects_in_the_order_they_name_them():
+    seen = Counter()
+    for index in range(120):
+        scene = make_scene(13, "train", index)
+        objects = scene.to_dict()["objects"]
+        for q in questions_for(scene, rng_for(13, "train", index, "questions"), 8):
+            pair = named_in_order(q.text, objects)
+            if pair is not None:
+                assert [objects[t] for t in q.targets] == pair, q
+                seen[q.type] += 1
+    assert set(seen) == {"relation", "nearest", "compare"} and min(seen.values()) > 30, seen
+
+
+def test_object_grounding_grounds_each_of_two_named_objects_apart():
+    split = load_split(SAMPLE, "train")
+    corpus = scenes_corpus(split, grid=16)
+    assert corpus.object_grounding.shape == (len(split.questions), 2, 256)
+    for q, (image, targets) in enumerate(zip(split.question_image, split.targets, strict=True)):
+        first, second = corpus.object_grounding[q]
+        if len(targets) != 2:
+            assert (first == corpus.grounding[q]).all() and (second == corpus.grounding[q]).all()
+            continue
+        for row, t in zip((first, second), targets, strict=True):
+            assert (row == covered_patches([split.scenes[image].objects[t]], 16)).all()
+        assert ((first | second) == corpus.grounding[q]).all()
 
 
 def test_the_checked_in_sample_is_what_the_generator_writes_now(tmp_path):

@@ -213,3 +213,33 @@ def test_text_query_pooling_weighs_a_merged_token_as_the_patches_it_stands_for()
     merged, look = pool(text[:, 0], torch.cat([a, b], dim=1), torch.tensor([[1.0, 2.0]] * 2))
     assert torch.allclose(repeated, merged, atol=1e-6)
     assert torch.allclose(look.sum(1), torch.ones(2), atol=1e-6)
+
+
+def test_two_hop_phrases_weigh_a_merged_text_token_as_the_tokens_it_stands_for_and_skip_padding():
+    pool = build_two_stream("two-stream-vqa-two-hop").two_stream.image_query
+    g = torch.Generator().manual_seed(0)
+    a, b, pad = (torch.randn(2, 1, 32, generator=g) for _ in range(3))
+    repeated = pool.phrases(torch.cat([a, b, b], dim=1), torch.ones(2, 3))
+    merged = pool.phrases(torch.cat([a, b], dim=1), torch.tensor([[1.0, 2.0]] * 2))
+    assert torch.allclose(repeated, merged, atol=1e-6)
+    padded = pool.phrases(torch.cat([a, b, pad], dim=1), torch.tensor([[1.0, 1.0, 0.0]] * 2))
+    assert torch.allclose(padded, pool.phrases(torch.cat([a, b], dim=1), torch.ones(2, 2)), atol=1e-6)
+
+
+def test_two_hop_second_read_depends_on_the_first_and_each_look_is_a_distribution():
+    pool = build_two_stream("two-stream-vqa-two-hop").two_stream.image_query
+    g = torch.Generator().manual_seed(1)
+    tokens, image = torch.randn(2, 5, 32, generator=g), torch.randn(2, 9, 32, generator=g)
+    text = tokens.mean(1)
+    reads, looks = pool(tokens, None, text, image, None)
+    assert reads.shape == (2, 2, 32) and looks.shape == (2, 2, 9)
+    assert torch.allclose(looks.sum(-1), torch.ones(2, 2), atol=1e-6)
+    # the first read changes when the image does, and so does the second through its query
+    other = image.clone()
+    other[:, 4:] = torch.randn(2, 5, 32, generator=g)
+    reads2, looks2 = pool(tokens, None, text, other, None)
+    assert not torch.allclose(reads[:, 0], reads2[:, 0])
+    second_phrase = pool.phrases(tokens, None)[:, 1]
+    second_query = text + pool.second_query(torch.cat([text, second_phrase, reads[:, 0]], -1))
+    expected, _ = pool.second(second_query, image, None)
+    assert torch.allclose(reads[:, 1], expected, atol=1e-6)

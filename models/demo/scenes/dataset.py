@@ -34,7 +34,9 @@ from models.demo.scenes.questions import QUESTION_TYPES, questions_for
 from models.demo.scenes.render import render, sample_background
 
 GENERATOR = "tokenlean scenes"
-VERSION = "2"  # bump whenever the same arguments would write different files
+VERSION = "3"  # bump whenever the same arguments would write different files
+# Version 3: a question's targets in the order it names them (version 2 sorted them), so a reader
+# can ground "the first object" and "the second"; images, questions and answers are version 2's.
 SPLITS = ("train", "val", "test")
 DEFAULT_SCENES = {"train": 5000, "val": 500, "test": 1000}
 # 120k / 2k / 5k questions. Version 1 asked 4 per training scene: a model learning to look then
@@ -173,7 +175,8 @@ class SceneSplit:
     answers: tuple[str, ...]
     types: tuple[str, ...]
     target_sizes: tuple[str, ...]
-    targets: tuple[tuple[int, ...], ...]  # per question: the objects (indices into its scene) it names
+    # per question: the objects (indices into its scene) it names, in the order it names them
+    targets: tuple[tuple[int, ...], ...]
     question_image: np.ndarray  # scene index of each question
     captions: tuple[Caption, ...]
     caption_image: np.ndarray  # scene index of each caption

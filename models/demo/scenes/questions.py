@@ -64,7 +64,9 @@ class Question:
     text: str
     answer: str
     type: str
-    targets: tuple[int, ...]  # indices of the objects the question is about
+    # indices of the objects the question is about, in the order it names them (relation, nearest,
+    # compare: the first-named object first; exist, count: scene order)
+    targets: tuple[int, ...]
     target_size: str
 
     def to_dict(self, scene_id: str) -> dict:
@@ -79,7 +81,7 @@ class Question:
 
 
 def _question(scene: Scene, text: str, answer: str, kind: str, targets: list[Obj]) -> Question:
-    indices = tuple(sorted(i for i, o in enumerate(scene.objects) if any(o is t for t in targets)))
+    indices = tuple(next(i for i, o in enumerate(scene.objects) if o is t) for t in targets)
     return Question(text, answer, kind, indices, size_tag(targets))
 
 
