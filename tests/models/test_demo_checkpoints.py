@@ -193,3 +193,13 @@ def test_the_scenes_model_reads_single_objects_and_loses_them_under_heavy_compre
     unreduced = single_object(NO_REDUCTION)
     assert unreduced >= 0.75, unreduced
     assert single_object(named_plan(bundle.model, "high", "tome")) <= unreduced - 0.2
+
+
+@torch.inference_mode()
+def test_the_scenes_model_compares_the_two_objects_a_question_names_in_order():
+    """Size comparisons flip their answer when the question swaps its two objects; a read by the
+    mean-pooled question cannot tell the two apart. Of the sample's 42 comparison questions
+    (training scenes) this checkpoint answers 36, the one before the two reads 18."""
+    bundle = load_bundle(CHECKPOINTS / "two-stream-scenes-vqa")
+    by_type = scenes_vqa_accuracy(bundle, load_split(SAMPLE, "train"), NO_REDUCTION, None)["by_type"]
+    assert by_type["compare"]["n"] == 42 and by_type["compare"]["accuracy"] >= 0.8, by_type["compare"]
