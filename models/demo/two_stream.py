@@ -243,10 +243,11 @@ def grounding_targets(
     corpus: VQACorpus, questions: np.ndarray, layers: int, reads: int
 ) -> list[torch.Tensor]:
     """What each of unreduced_fusion's looks is grounded on: every fusion layer's cross-attention
-    and a single read on all the objects a question names; two reads each on its own object."""
+    and a single read (reads: the pooling's attention reads, 0 for "cls") on all the objects a
+    question names; two reads each on its own object."""
     named = torch.from_numpy(corpus.grounding[questions])
-    if reads == 1:
-        return [named] * (layers + 1)
+    if reads < 2:
+        return [named] * (layers + reads)
     by_object = torch.from_numpy(corpus.object_grounding[questions])
     return [named] * layers + list(by_object.unbind(1))
 
@@ -388,8 +389,9 @@ def train_vqa(
             ground = None
             if grounded and (tower, fusion_level) == ("none", "none"):
                 logits, looks = unreduced_fusion(rm, ids, mask, x)
-                targets = grounding_targets(train, idx.numpy(), len(rm.base.layers), model.config.image_reads)
-                ground = grounding_loss(looks, targets[: len(looks)])
+                layers = len(rm.base.layers)
+                targets = grounding_targets(train, idx.numpy(), layers, len(looks) - layers)
+                ground = grounding_loss(looks, targets)
             else:
                 logits = fused_logits(rm, ids, mask, x, size, tower, fusion_level)
             loss = F.cross_entropy(logits, y[idx])

@@ -121,6 +121,7 @@ def test_two_reads_are_grounded_each_on_its_own_object():
     corpus = scenes(split, grid=16)
     pairs = np.array([len(t) == 2 for t in split.targets])
     questions = np.flatnonzero(pairs)[:4]
+    assert len(grounding_targets(corpus, questions, layers=2, reads=0)) == 2  # "cls": no read
     one = grounding_targets(corpus, questions, layers=2, reads=1)
     two = grounding_targets(corpus, questions, layers=2, reads=2)
     assert (len(one), len(two)) == (3, 4)  # 2 fusion layers' looks, then 1 or 2 reads
@@ -143,6 +144,11 @@ def test_the_grounded_forward_is_the_unreduced_fused_forward(kind):
     assert len(looks) == rm.num_fusion_layers + {"vqa": 0, "query": 1, "hop": 2}[kind.rpartition("-")[2]]
     for look in looks:
         assert look.shape == x.shape[:2] and torch.allclose(look.sum(1), torch.ones(len(x)), atol=1e-5)
+    # the recipe grounds each look on its own target (the tiny model's 8 x 8 grid, sample scenes)
+    corpus = scenes(load_split(SAMPLE, "train"), grid=8)
+    layers = rm.num_fusion_layers
+    targets = grounding_targets(corpus, np.arange(len(x)) + 5, layers, len(looks) - layers)
+    assert len(targets) == len(looks) and all(t.shape == (len(x), 64) for t in targets)
 
 
 def test_train_demo_only_names_a_family_with_a_recipe(tmp_path):
