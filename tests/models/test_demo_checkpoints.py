@@ -34,8 +34,9 @@ def test_checkpoints_are_small_safetensors_only():
     # Models on the pretrained towers ship only what was trained here: the DINOv2-S classifier its
     # head, the two-stream models their fusion layers and heads, stored in fp16 (about 10 MB each);
     # the towers' weights come from installed packages (models/towers.py), never from the
-    # repository. The small 64 px models add 15.5 MB; the scenes VQA model another 11 MB.
-    assert sum(f.stat().st_size for f in files) <= 48 * 1024 * 1024
+    # repository. The small 64 px models add 15.5 MB; the scenes VQA model, whose heads see two
+    # reads of the image, another 15 MB.
+    assert sum(f.stat().st_size for f in files) <= 52 * 1024 * 1024
     assert (CHECKPOINTS / "classify" / "model.safetensors").stat().st_size < 1024 * 1024
     assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     for name in DEMO_CHECKPOINTS:
