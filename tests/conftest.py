@@ -103,16 +103,16 @@ def build_vilt(kind: str, layers: int = 6) -> torch.nn.Module:
     return cls[kind](vilt_config(layers)).eval()
 
 
-# "-text-query" / "-two-hop": the VQA model whose heads read the image by the pooled text, once
-# or twice (image_pooling)
+# "-text-query" / "-two-hop" / "-two-hop-placed": the VQA model whose heads read the image by the
+# pooled text, once or twice, or twice knowing where the reads looked (image_pooling)
 TWO_STREAM_KINDS = [
     "two-stream",
     "two-stream-vqa",
     "two-stream-vqa-text-query",
-    "two-stream-vqa-two-hop",
+    "two-stream-vqa-two-hop-placed",
     "two-stream-retrieval",
 ]
-POOLINGS = {"-text-query": "text_query", "-two-hop": "two_hop"}
+POOLINGS = {"-text-query": "text_query", "-two-hop": "two_hop", "-two-hop-placed": "two_hop_placed"}
 TWO_STREAM_TOWERS = ["dinov2", "vit", "clip-vision"]
 
 
@@ -156,6 +156,7 @@ def build_two_stream(
         "two-stream-vqa": TwoStreamForQuestionAnswering,
         "two-stream-vqa-text-query": TwoStreamForQuestionAnswering,
         "two-stream-vqa-two-hop": TwoStreamForQuestionAnswering,
+        "two-stream-vqa-two-hop-placed": TwoStreamForQuestionAnswering,
         "two-stream-retrieval": TwoStreamForImageTextMatching,
     }[kind]
     pooling = next((p for suffix, p in POOLINGS.items() if kind.endswith(suffix)), "cls")

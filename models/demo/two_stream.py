@@ -81,8 +81,9 @@ TRAIN_IMAGES = 2000
 # Scenes: more images (the questions are harder).
 SCENES_TRAIN_IMAGES = 3000
 # Two grounded reads of the image, one per object a question names: with one read by the mean-
-# pooled question, relations and size comparisons stayed at chance (docs/demo-models.md).
-SCENES_IMAGE_POOLING = "two_hop"
+# pooled question, relations and size comparisons stayed at chance; told where they looked, so
+# that "left of" and "nearest to" can be answered (docs/demo-models.md).
+SCENES_IMAGE_POOLING = "two_hop_placed"
 
 
 def tower_setting(method: str, level: str) -> str:
@@ -188,8 +189,9 @@ def tower_keys(rm, images: np.ndarray, layers: Sequence[int]) -> dict[int, torch
     return {layer: torch.cat(p) for layer, p in parts.items()}
 
 
-def unreduced_fusion(rm, ids, mask, image_x) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The fusion layers and head on unreduced tower outputs: (logits, looks), where looks holds,
+def unreduced_fusion(rm, ids, mask, image_x) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """The fusion layers and head on unreduced tower outputs: (logits, looks, the image stream as
+    the pooling read it (B, image tokens, D)), where looks holds,
     per fusion layer, where the question's text -> image cross-attention goes, averaged over heads
     and the question's tokens: (B, image tokens), [CLS] first; then where each image read of the
     pooling ("text_query", "two_hop") looked."""
@@ -205,8 +207,8 @@ def unreduced_fusion(rm, ids, mask, image_x) -> tuple[torch.Tensor, list[torch.T
         probs = attention_probs(att.text_cross_queries, att.image_cross_keys, None, att.scale, slice(None))
         looks.append((probs * weight[..., None]).sum(dim=1))
         t, i = layer.feed_forward(t, i)
-    *_, pooled, reads = base.pool_and_look(t, i, mask)
-    return rm.model.head(pooled), looks + list(reads)
+    _, i, pooled, reads = base.pool_and_look(t, i, mask)
+    return rm.model.head(pooled), looks + list(reads), i
 
 
 def cross_attention_targets(rm, ids, mask, image_x) -> torch.Tensor:
@@ -250,6 +252,21 @@ def grounding_targets(
         return [named] * (layers + reads)
     by_object = torch.from_numpy(corpus.object_grounding[questions])
     return [named] * layers + list(by_object.unbind(1))
+
+
+def patch_centres(grid: int) -> torch.Tensor:
+    """(grid * grid, 2): each patch's centre (x, y) scaled to [-1, 1], in raster order."""
+    c = (torch.arange(grid) + 0.5) / grid * 2 - 1
+    return torch.stack(torch.meshgrid(c, c, indexing="xy"), dim=-1).reshape(-1, 2)
+
+
+def position_loss(model, image: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the pooling's decoded positions of the unreduced image stream's
+    patches ([CLS] left out) against their centres (config.places_reads)."""
+    config = model.config
+    centres = patch_centres(config.image_size // config.patch_size).to(image.dtype)
+    where = model.two_stream.image_query.where(image[:, 1:])
+    return F.mse_loss(where, centres.expand_as(where))
 
 
 def query_log_probs(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -388,10 +405,12 @@ def train_vqa(
             x, size = cache.tokens(tower, train.question_image[idx.numpy()])
             ground = None
             if grounded and (tower, fusion_level) == ("none", "none"):
-                logits, looks = unreduced_fusion(rm, ids, mask, x)
+                logits, looks, image = unreduced_fusion(rm, ids, mask, x)
                 layers = len(rm.base.layers)
                 targets = grounding_targets(train, idx.numpy(), layers, len(looks) - layers)
                 ground = grounding_loss(looks, targets)
+                if model.config.places_reads:
+                    ground = position_loss(model, image) + (0 if ground is None else ground)
             else:
                 logits = fused_logits(rm, ids, mask, x, size, tower, fusion_level)
             loss = F.cross_entropy(logits, y[idx])

@@ -5,8 +5,9 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-IMAGE_POOLING = ("cls", "text_query", "two_hop")
-IMAGE_READS = {"cls": 1, "text_query": 1, "two_hop": 2}  # image summaries the heads get, per pooling
+IMAGE_POOLING = ("cls", "text_query", "two_hop", "two_hop_placed")
+# image summaries the heads get, per pooling ("two_hop_placed": two reads and their offset)
+IMAGE_READS = {"cls": 1, "text_query": 1, "two_hop": 2, "two_hop_placed": 3}
 
 
 class TwoStreamConfig(PretrainedConfig):
@@ -27,7 +28,8 @@ class TwoStreamConfig(PretrainedConfig):
     (on multi-object scenes the fusion layers with a [CLS] pooler do not learn to answer about the
     object a question names: docs/demo-models.md), or "two_hop", two such reads for questions about
     two objects: the first by the phrase the question names first, the second by the other phrase
-    and what the first read (modeling.TwoHopPool).
+    and what the first read (modeling.TwoHopPool), or "two_hop_placed", the same two reads told
+    where they looked (modeling.PlacedTwoHopPool).
     """
 
     model_type = "tokenlean-two-stream"
@@ -65,6 +67,11 @@ class TwoStreamConfig(PretrainedConfig):
     @property
     def image_reads(self) -> int:
         return IMAGE_READS[self.image_pooling]
+
+    @property
+    def places_reads(self) -> bool:
+        """Whether the pooling decodes image token positions (trained on the patch centres)."""
+        return self.image_pooling == "two_hop_placed"
 
     @property
     def patch_size(self) -> int:

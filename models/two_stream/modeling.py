@@ -82,12 +82,19 @@ class TextQueryPool(nn.Module):
         self.attn = Attention(config)
 
     def forward(
-        self, text: torch.Tensor, image: torch.Tensor, image_size: torch.Tensor | None
+        self,
+        text: torch.Tensor,
+        image: torch.Tensor,
+        image_size: torch.Tensor | None,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """text (B, D), image (B, N, D) -> (what it read (B, D), head-averaged attention (B, N))."""
+        """text (B, D), image (B, N, D) -> (what it read (B, D), head-averaged attention (B, N)).
+        bias: added to the attention logits, (B, heads, 1, N)."""
         attn = self.attn
         q, k, v = attn.project(text.unsqueeze(1), image)
         logits = (q @ k.transpose(-1, -2)) * attn.scale
+        if bias is not None:
+            logits = logits + bias
         if image_size is not None:
             logits = logits + image_size.to(logits.dtype).clamp_min(1e-6).log()[:, None, None, :]
         probs = logits.softmax(dim=-1)
@@ -104,17 +111,19 @@ class TwoHopPool(nn.Module):
     what the first read. Each read is a TextQueryPool. Training grounds the first read on the
     object the question names first and the second on the other (models/demo/two_stream.py)."""
 
+    phrase_count = 2  # one per read
+
     def __init__(self, config: TwoStreamConfig):
         super().__init__()
         d = config.hidden_size
-        self.phrase_scores = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 2))
+        self.phrase_scores = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, self.phrase_count))
         self.first_query = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.second_query = nn.Sequential(nn.Linear(3 * d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.first, self.second = TextQueryPool(config), TextQueryPool(config)
 
     def phrases(self, tokens: torch.Tensor, text_weight: torch.Tensor | None) -> torch.Tensor:
-        """(B, T, D) text tokens -> (B, 2, D), each a softmax-weighted sum; a merged token counts as
-        many as the tokens it stands for, padding (weight 0) not at all."""
+        """(B, T, D) text tokens -> (B, phrase_count, D), each a softmax-weighted sum; a merged
+        token counts as many as the tokens it stands for, padding (weight 0) not at all."""
         scores = self.phrase_scores(tokens)
         if text_weight is not None:
             w = text_weight.to(scores.dtype)[..., None]
@@ -135,8 +144,69 @@ class TwoHopPool(nn.Module):
         query = text + self.first_query(torch.cat([text, phrases[:, 0]], -1))
         first, look_first = self.first(query, image, image_size)
         query = text + self.second_query(torch.cat([text, phrases[:, 1], first], -1))
-        second, look_second = self.second(query, image, image_size)
-        return torch.stack([first, second], 1), torch.stack([look_first, look_second], 1)
+        bias = self.second_bias(query, image, image_size, look_first)
+        second, look_second = self.second(query, image, image_size, bias)
+        looks = torch.stack([look_first, look_second], 1)
+        return self.summaries(torch.stack([first, second], 1), looks, image, phrases), looks
+
+    def second_bias(
+        self,
+        query: torch.Tensor,
+        image: torch.Tensor,
+        image_size: torch.Tensor | None,
+        look_first: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """What the second read's attention logits add, (B, heads, 1, N): nothing here."""
+        return None
+
+    def summaries(
+        self, reads: torch.Tensor, looks: torch.Tensor, image: torch.Tensor, phrases: torch.Tensor
+    ) -> torch.Tensor:
+        """What the heads get of the two reads (B, 2, D), their looks (B, 2, N) and the question's
+        phrases (B, phrase_count, D): the reads."""
+        return reads
+
+
+class PlacedTwoHopPool(TwoHopPool):
+    """TwoHopPool whose reads know where they looked ("two_hop_placed"). The reads find the right
+    objects, yet a head on them answered "left of" and "above" at chance: the positions the
+    tower's tokens carry do not survive into the reads in a form the head uses, while the
+    attention centroids of the two reads answer 89 % of relation questions, and the pooled text
+    tells "left of" from "right of", "above" and "below" only 69 % of the time (linear probes,
+    docs/demo-models.md). So `where` decodes each image token's position, (x, y) in [-1, 1]
+    (trained on the patch centres; linear, so a merged token, the size-weighted mean of its
+    patches, maps to their centroid), and:
+    - the heads get a third summary, the offset between the two reads' positions mapped by a
+      matrix that a third phrase of the question sets (`relate`: the phrase "left of" turns the
+      offset into "yes" one way, "below" another);
+    - the second read's attention logits add, per head, a learned multiple of each token's
+      distance in patches from where the first read looked and of the log of the first read's
+      attention ("the object nearest to the blue star": near it, but not it)."""
+
+    phrase_count = 3  # one per read, and how the two relate
+
+    def __init__(self, config: TwoStreamConfig):
+        super().__init__(config)
+        d, self.heads = config.hidden_size, config.num_attention_heads
+        self.where = nn.Linear(d, 2)
+        self.near = nn.Linear(d, 2 * self.heads)
+        self.relate = nn.Linear(d, 2 * d)
+        self.half_grid = config.image_size / config.patch_size / 2  # [-1, 1] units -> patches
+
+    def second_bias(self, query, image, image_size, look_first):
+        where = self.where(image)
+        first_at = look_first.unsqueeze(1) @ where  # (B, 1, 2)
+        distance = ((where - first_at).pow(2).sum(-1) + 1e-6).sqrt() * self.half_grid  # (B, N)
+        coef = self.near(query).view(-1, self.heads, 2, 1)
+        per_patch = look_first if image_size is None else look_first / image_size.to(look_first.dtype)
+        own = per_patch.clamp_min(1e-6).log()  # per patch, so a merged token counts as its patches
+        return (coef[:, :, 1] * own.unsqueeze(1) - coef[:, :, 0] * distance.unsqueeze(1)).unsqueeze(2)
+
+    def summaries(self, reads, looks, image, phrases):
+        at = looks @ self.where(image)  # (B, 2, 2)
+        b, d = phrases.shape[0], phrases.shape[-1]
+        related = self.relate(phrases[:, 2]).view(b, d, 2) @ (at[:, 0] - at[:, 1]).unsqueeze(-1)
+        return torch.cat([reads, related.transpose(1, 2)], dim=1)
 
 
 class FusionStream(nn.Module):
@@ -228,7 +298,12 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         self.image_pool = nn.Linear(d, d)
         vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
         self.text_query = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in config.text_query_layers)
-        pooling = {"cls": None, "text_query": TextQueryPool, "two_hop": TwoHopPool}[config.image_pooling]
+        pooling = {
+            "cls": None,
+            "text_query": TextQueryPool,
+            "two_hop": TwoHopPool,
+            "two_hop_placed": PlacedTwoHopPool,
+        }[config.image_pooling]
         self.image_query = None if pooling is None else pooling(config)
         self.post_init()
 
@@ -299,7 +374,7 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         if self.image_query is None:
             image, looks = i[:, 0], ()
         elif isinstance(self.image_query, TwoHopPool):
-            image, looks = self.image_query(t, text_weight, text, i, image_size)  # (B, 2, D), (B, 2, N)
+            image, looks = self.image_query(t, text_weight, text, i, image_size)  # (B, reads, D), (B, 2, N)
             looks = tuple(looks.unbind(1))
         else:
             image, look = self.image_query(text, i, image_size)

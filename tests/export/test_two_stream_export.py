@@ -20,12 +20,12 @@ QUESTIONS = ["what shape is this?", "is there a blue triangle in the image or no
 
 
 @pytest.fixture(
-    scope="module", params=["two-stream-vqa", "two-stream-vqa-text-query", "two-stream-vqa-two-hop"]
+    scope="module", params=["two-stream-vqa", "two-stream-vqa-text-query", "two-stream-vqa-two-hop-placed"]
 )
 def checkpoint(tmp_path_factory, request) -> Path:
     """A tiny two-stream VQA model (heads reading the image's [CLS], or the image read by the
-    pooled text, once or twice) with the ViLT demo's small word-piece tokenizer (its ids fit the
-    tiny text tower's vocabulary)."""
+    pooled text, once, or twice knowing where the reads looked) with the ViLT demo's small
+    word-piece tokenizer (its ids fit the tiny text tower's vocabulary)."""
     folder = tmp_path_factory.mktemp("two-stream")
     build_two_stream(request.param, "dinov2").save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -132,16 +132,27 @@ def test_two_reads_are_grounded_each_on_its_own_object():
         assert not (two[2 + k].numpy() == corpus.grounding[questions]).all()
 
 
-@pytest.mark.parametrize("kind", ["two-stream-vqa", "two-stream-vqa-text-query", "two-stream-vqa-two-hop"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "two-stream-vqa",
+        "two-stream-vqa-text-query",
+        "two-stream-vqa-two-hop",
+        "two-stream-vqa-two-hop-placed",
+    ],
+)
 def test_the_grounded_forward_is_the_unreduced_fused_forward(kind):
     rm = reducible(build_two_stream(kind))
     inputs = vilt_inputs()
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     x = rm.base.vision_tokens(inputs["pixel_values"])
     size = torch.ones(x.shape[:2])
-    logits, looks = unreduced_fusion(rm, ids, mask, x)
+    logits, looks, _ = unreduced_fusion(rm, ids, mask, x)
     assert torch.allclose(logits, fused_logits(rm, ids, mask, x, size, "none", "none"), atol=1e-5)
-    assert len(looks) == rm.num_fusion_layers + {"vqa": 0, "query": 1, "hop": 2}[kind.rpartition("-")[2]]
+    assert (
+        len(looks)
+        == rm.num_fusion_layers + {"vqa": 0, "query": 1, "hop": 2, "placed": 2}[kind.rpartition("-")[2]]
+    )
     for look in looks:
         assert look.shape == x.shape[:2] and torch.allclose(look.sum(1), torch.ones(len(x)), atol=1e-5)
     # the recipe grounds each look on its own target (the tiny model's 8 x 8 grid, sample scenes)

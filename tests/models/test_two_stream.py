@@ -243,3 +243,41 @@ def test_two_hop_second_read_depends_on_the_first_and_each_look_is_a_distributio
     second_query = text + pool.second_query(torch.cat([text, second_phrase, reads[:, 0]], -1))
     expected, _ = pool.second(second_query, image, None)
     assert torch.allclose(reads[:, 1], expected, atol=1e-6)
+
+
+def test_placed_two_hop_reads_a_merged_image_token_as_the_patches_it_stands_for():
+    pool = build_two_stream("two-stream-vqa-two-hop-placed").two_stream.image_query
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randn(2, 5, 32, generator=g)
+    a, b = torch.randn(2, 3, 32, generator=g), torch.randn(2, 1, 32, generator=g)
+    text = tokens.mean(1)
+    repeated, looks = pool(tokens, None, text, torch.cat([a, b, b], dim=1), torch.ones(2, 5))
+    merged, merged_looks = pool(
+        tokens, None, text, torch.cat([a, b], dim=1), torch.tensor([[1.0] * 3 + [2.0]] * 2)
+    )
+    assert repeated.shape == (2, 3, 32)  # two reads and their offset
+    assert torch.allclose(repeated, merged, atol=1e-5)
+    assert torch.allclose(looks[..., 3] + looks[..., 4], merged_looks[..., 3], atol=1e-6)
+
+
+def test_placed_two_hop_relates_where_the_reads_looked_by_a_phrase_and_steers_the_second_read():
+    pool = build_two_stream("two-stream-vqa-two-hop-placed").two_stream.image_query
+    g = torch.Generator().manual_seed(3)
+    tokens, image = torch.randn(2, 5, 32, generator=g), torch.randn(2, 9, 32, generator=g)
+    text = tokens.mean(1)
+    summaries, looks = pool(tokens, None, text, image, None)
+    at = looks @ pool.where(image)
+    relation = pool.relate(pool.phrases(tokens, None)[:, 2]).view(2, 32, 2)
+    assert torch.allclose(summaries[:, 2], (relation @ (at[:, 0] - at[:, 1])[..., None])[..., 0], atol=1e-6)
+    # the second read's logits add a learned multiple of each token's distance from the first read
+    with torch.no_grad():
+        pool.near.weight.zero_()
+        pool.near.bias.copy_(torch.tensor([5.0, 0.0] * pool.heads))  # prefer tokens near the first read
+    _, near = pool(tokens, None, text, image, None)
+    with torch.no_grad():
+        pool.near.bias.copy_(torch.tensor([-5.0, 0.0] * pool.heads))  # prefer tokens far from it
+    _, far = pool(tokens, None, text, image, None)
+    first_at = looks[:, :1] @ pool.where(image)
+    distance = (pool.where(image) - first_at).norm(dim=-1)
+    assert ((near[:, 1] * distance).sum(-1) < (far[:, 1] * distance).sum(-1)).all()
+    assert torch.allclose(near[:, 0], far[:, 0])  # the first read does not depend on it
