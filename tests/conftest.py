@@ -109,6 +109,7 @@ TWO_STREAM_KINDS = [
     "two-stream",
     "two-stream-vqa",
     "two-stream-vqa-text-query",
+    "two-stream-vqa-two-hop",
     "two-stream-vqa-two-hop-placed",
     "two-stream-retrieval",
 ]

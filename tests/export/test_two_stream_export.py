@@ -20,7 +20,13 @@ QUESTIONS = ["what shape is this?", "is there a blue triangle in the image or no
 
 
 @pytest.fixture(
-    scope="module", params=["two-stream-vqa", "two-stream-vqa-text-query", "two-stream-vqa-two-hop-placed"]
+    scope="module",
+    params=[
+        "two-stream-vqa",
+        "two-stream-vqa-text-query",
+        "two-stream-vqa-two-hop",
+        "two-stream-vqa-two-hop-placed",
+    ],
 )
 def checkpoint(tmp_path_factory, request) -> Path:
     """A tiny two-stream VQA model (heads reading the image's [CLS], or the image read by the
