@@ -20,6 +20,8 @@ from models.demo.two_stream import (
     fused_logits,
     grounding_loss,
     grounding_targets,
+    patch_centres,
+    position_loss,
     start_as_identity,
     unreduced_fusion,
 )
@@ -169,3 +171,19 @@ def test_train_demo_only_names_a_family_with_a_recipe(tmp_path):
         main(["train-demo", "--only", "nope", "--out", str(tmp_path)])
     assert "two-stream" in str(refused.value) and "'nope'" in str(refused.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_position_loss_is_zero_when_the_position_map_gives_each_patch_its_centre():
+    model = build_two_stream("two-stream-vqa-two-hop-placed")  # 64 px, 8 px patches: an 8 x 8 grid
+    where = model.two_stream.image_query.where
+    centres = patch_centres(8)
+    assert centres[0].tolist() == [-0.875, -0.875] and centres[1].tolist() == [-0.625, -0.875]  # raster
+    with torch.no_grad():
+        where.weight.zero_()
+        where.weight[0, 0] = where.weight[1, 1] = 1.0  # read (x, y) from the first two channels
+        where.bias.zero_()
+    image = torch.randn(2, 65, 32)  # [CLS], then the patches
+    image[:, 1:, :2] = centres
+    assert position_loss(model, image).item() == 0
+    image[:, 1:, :2] = centres.flip(0)
+    assert position_loss(model, image).item() > 0.1
