@@ -82,8 +82,8 @@ TRAIN_IMAGES = 2000
 SCENES_TRAIN_IMAGES = 3000
 # Two grounded reads of the image, one per object a question names: with one read by the mean-
 # pooled question, relations and size comparisons stayed at chance (docs/demo-models.md). The
-# reads told where they looked ("two_hop_placed") lost their order when trained from scratch by
-# this recipe (comparisons back at chance): not used yet.
+# reads told where they looked ("two_hop_placed") answer relations in a pilot on the cached tower,
+# but lost their order when trained from scratch by this recipe: not used yet.
 SCENES_IMAGE_POOLING = "two_hop"
 
 
