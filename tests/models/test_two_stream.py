@@ -226,11 +226,17 @@ def test_two_hop_phrases_weigh_a_merged_text_token_as_the_tokens_it_stands_for_a
     assert torch.allclose(padded, pool.phrases(torch.cat([a, b], dim=1), torch.ones(2, 2)), atol=1e-6)
 
 
-def test_two_hop_second_read_depends_on_the_first_and_each_look_is_a_distribution():
-    pool = build_two_stream("two-stream-vqa-two-hop").two_stream.image_query
-    g = torch.Generator().manual_seed(1)
+def two_hop_pool_and_inputs(kind: str, seed: int):
+    """A tiny model's two-read pooling and inputs for it: 2 questions of 5 text tokens (their mean
+    the pooled text) and 9 image tokens, 32 wide; the generator for more."""
+    pool = build_two_stream(kind).two_stream.image_query
+    g = torch.Generator().manual_seed(seed)
     tokens, image = torch.randn(2, 5, 32, generator=g), torch.randn(2, 9, 32, generator=g)
-    text = tokens.mean(1)
+    return pool, tokens, tokens.mean(1), image, g
+
+
+def test_two_hop_second_read_depends_on_the_first_and_each_look_is_a_distribution():
+    pool, tokens, text, image, g = two_hop_pool_and_inputs("two-stream-vqa-two-hop", 1)
     reads, looks = pool(tokens, None, text, image, None)
     assert reads.shape == (2, 2, 32) and looks.shape == (2, 2, 9)
     assert torch.allclose(looks.sum(-1), torch.ones(2, 2), atol=1e-6)
@@ -261,10 +267,7 @@ def test_placed_two_hop_reads_a_merged_image_token_as_the_patches_it_stands_for(
 
 
 def test_placed_two_hop_relates_where_the_reads_looked_by_a_phrase_and_steers_the_second_read():
-    pool = build_two_stream("two-stream-vqa-two-hop-placed").two_stream.image_query
-    g = torch.Generator().manual_seed(3)
-    tokens, image = torch.randn(2, 5, 32, generator=g), torch.randn(2, 9, 32, generator=g)
-    text = tokens.mean(1)
+    pool, tokens, text, image, _ = two_hop_pool_and_inputs("two-stream-vqa-two-hop-placed", 3)
     summaries, looks = pool(tokens, None, text, image, None)
     at = looks @ pool.where(image)
     relation = pool.relate(pool.phrases(tokens, None)[:, 2]).view(2, 32, 2)
