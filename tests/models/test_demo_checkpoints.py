@@ -35,7 +35,7 @@ def test_checkpoints_are_small_safetensors_only():
     # head, the two-stream models their fusion layers and heads, stored in fp16 (about 10 MB each);
     # the towers' weights come from installed packages (models/towers.py), never from the
     # repository. The small 64 px models add 15.5 MB; the scenes VQA model, whose heads see two
-    # reads of the image, another 15 MB.
+    # reads of the image and where they lie, another 16 MB.
     assert sum(f.stat().st_size for f in files) <= 52 * 1024 * 1024
     assert (CHECKPOINTS / "classify" / "model.safetensors").stat().st_size < 1024 * 1024
     assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
@@ -149,6 +149,7 @@ def test_recipes_train_every_checkpoint_after_what_it_starts_from(tmp_path):
     assert loaded == []
     assert [name for p in on_scenes for name in p.schedules] == [
         "two-stream-scenes-vqa",
+        "two-stream-scenes-placed",
         "two-stream-scenes-text-query",
     ]
     produced = [name for p in (*run, *on_scenes) for name in p.produces]
@@ -200,7 +201,7 @@ def test_the_scenes_model_reads_single_objects_and_loses_them_under_heavy_compre
 def test_the_scenes_model_compares_the_two_objects_a_question_names_in_order():
     """Size comparisons flip their answer when the question swaps its two objects; a read by the
     mean-pooled question cannot tell the two apart. Of the sample's 42 comparison questions
-    (training scenes) this checkpoint answers 36, the one before the two reads 18."""
+    (training scenes) this checkpoint answers 38, the one before the two reads 18."""
     bundle = load_bundle(CHECKPOINTS / "two-stream-scenes-vqa")
     by_type = scenes_vqa_accuracy(bundle, load_split(SAMPLE, "train"), NO_REDUCTION, None)["by_type"]
     assert by_type["compare"]["n"] == 42 and by_type["compare"]["accuracy"] >= 0.8, by_type["compare"]

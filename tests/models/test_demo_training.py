@@ -24,9 +24,11 @@ from models.demo.two_stream import (
     position_loss,
     start_as_identity,
     unreduced_fusion,
+    with_placed_reads,
 )
 from models.demo.vqa_corpus import question_form, scenes
 from models.families.registry import reducible
+from models.levels import named_plan
 
 
 def test_frozen_towers_train_without_dropout():
@@ -187,3 +189,25 @@ def test_the_position_loss_is_zero_when_the_position_map_gives_each_patch_its_ce
     assert position_loss(model, image).item() == 0
     image[:, 1:, :2] = centres.flip(0)
     assert position_loss(model, image).item() > 0.1
+
+
+@pytest.mark.parametrize(("level", "method"), [("none", None), ("high", "pumer"), ("medium", "tome")])
+def test_a_two_hop_model_grown_into_placed_reads_answers_as_it_did(level, method):
+    two_hop = build_two_stream("two-stream-vqa-two-hop")
+    grown = with_placed_reads(two_hop).eval()
+    assert grown.config.image_pooling == "two_hop_placed" and grown.config.image_reads == 3
+    inputs = vilt_inputs()
+    ids, px, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
+    before, after = reducible(two_hop), reducible(grown)
+    plan = named_plan(before, level, method)
+    expected = before(ids, px, mask, plan=plan).logits
+    assert torch.allclose(after(ids, px, mask, plan=plan).logits, expected, atol=1e-5)
+    # what it has to learn is trainable, the towers are not
+    trainable = {n for n, p in grown.named_parameters() if p.requires_grad}
+    assert {"two_stream.image_query.where.weight", "two_stream.image_query.relate.weight"} <= trainable
+    assert not any(n.startswith(("two_stream.vision.", "two_stream.text.")) for n in trainable)
+
+
+def test_only_a_two_hop_model_grows_placed_reads():
+    with pytest.raises(ValueError, match="two_hop"):
+        with_placed_reads(build_two_stream("two-stream-vqa-text-query"))
