@@ -8,13 +8,16 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import build_two_stream, vilt_inputs
+from conftest import build_two_stream, two_stream_config, vilt_inputs
 from torch import nn
 
+from models.demo.scenes import ANSWERS as SCENE_ANSWERS
 from models.demo.scenes import SAMPLE, load_split
-from models.demo.training import Schedule, optimise, train_mode
+from models.demo.training import Context, Schedule, build_tokenizer, optimise, train_mode
 from models.demo.two_stream import (
+    RELATION_PATH,
     TOWER_SETTINGS,
+    TowerCache,
     balanced_batches,
     draw_tower_setting,
     fused_logits,
@@ -23,12 +26,14 @@ from models.demo.two_stream import (
     patch_centres,
     position_loss,
     start_as_identity,
+    train_relations,
     unreduced_fusion,
     with_placed_reads,
 )
 from models.demo.vqa_corpus import question_form, scenes
 from models.families.registry import reducible
 from models.levels import named_plan
+from models.two_stream import TwoStreamForQuestionAnswering
 
 
 def test_frozen_towers_train_without_dropout():
@@ -56,6 +61,56 @@ def test_balanced_batches_draw_every_form_alike():
     stream = balanced_batches(forms, 100, np.random.default_rng(0))
     drawn = Counter(forms[i][3] for _ in range(20) for i in next(stream))
     assert 0.45 < drawn["yes"] / 2000 < 0.55
+
+
+def test_shared_forms_get_their_share_of_every_batch_on_top_of_the_balanced_draw():
+    forms = [("count",)] * 700 + [("relation",)] * 100 + [("colour",)] * 100 + [("exist",)] * 100
+    stream = balanced_batches(forms, 100, np.random.default_rng(0), {("relation",): 0.5})
+    drawn = Counter(forms[i][0] for _ in range(40) for i in next(stream))
+    assert 0.59 < drawn["relation"] / 4000 < 0.66  # 0.5 + 0.5 / 4
+    assert 0.09 < drawn["count"] / 4000 < 0.16  # 0.5 / 4
+    plain, unshared = (
+        balanced_batches(forms, 50, np.random.default_rng(1)),
+        balanced_batches(forms, 50, np.random.default_rng(1), {}),
+    )
+    assert all((next(plain) == next(unshared)).all() for _ in range(3))
+    with pytest.raises(ValueError, match="shares"):
+        next(balanced_batches(forms, 10, np.random.default_rng(0), {("nearest",): 0.5}))
+
+
+def test_the_relation_stage_trains_the_relation_path_and_nothing_else(tmp_path):
+    with torch.inference_mode(False), torch.enable_grad():  # the tests run in inference mode
+        check_the_relation_stage(tmp_path)
+
+
+def check_the_relation_stage(tmp_path):
+    split = load_split(SAMPLE, "train")
+    corpus = scenes(split, grid=8)
+    config = two_stream_config(image_pooling="two_hop_placed")
+    config.num_labels = len(SCENE_ANSWERS)
+    config.id2label = dict(enumerate(SCENE_ANSWERS))
+    config.label2id = {a: i for i, a in enumerate(SCENE_ANSWERS)}
+    torch.manual_seed(0)
+    model = TwoStreamForQuestionAnswering(config)
+    for p in model.two_stream.vision.parameters():
+        p.requires_grad_(False)
+    words = sorted({w for q in corpus.questions for w in q.rstrip("?").split()} | {"?"})
+    tokenizer = build_tokenizer(tmp_path / "tokenizer", words, 16)
+    # every tower setting: the same random 64 px tower outputs ([CLS] + 8 x 8 patches)
+    x = torch.randn(len(corpus.images), 65, model.config.vision_config.hidden_size).half()
+    cache = TowerCache(
+        {s: x for s in TOWER_SETTINGS}, {s: torch.ones(x.shape[:2]).half() for s in TOWER_SETTINGS}
+    )
+    ctx = Context(
+        tmp_path, None, 0, 1.0, {"seconds": {}}, {"two-stream-scenes-relations": Schedule(3, 8, 1e-2)}
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained_before = {n for n, p in model.named_parameters() if p.requires_grad}
+    train_relations(ctx, model, corpus, tokenizer, cache)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(RELATION_PATH) for n in changed)
+    assert all(any(n.startswith(prefix) for n in changed) for prefix in RELATION_PATH)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained_before
 
 
 def test_fusion_training_sees_every_tower_method_and_level_and_none_a_quarter_of_the_time():
