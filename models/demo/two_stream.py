@@ -417,7 +417,8 @@ def balanced_batches(
         picks = rng.integers(0, len(members), batch)
         if shares:
             slot = np.searchsorted(bounds, rng.random(batch), side="right")
-            picks[slot < len(shared)] = shared[slot[slot < len(shared)]]
+            hit = slot < len(shared)
+            picks[hit] = shared[slot[hit]]
         yield np.array([rng.choice(members[g]) for g in picks])
 
 
@@ -644,10 +645,10 @@ def train_scenes(ctx: Context) -> dict[str, torch.nn.Module]:
     cache = cache_tower(probe, corpus.images)
     vqa = vqa_model(towers, corpus.vocabulary, TEXT_QUERY_LAYERS, "two_hop")
     vqa = train_vqa(ctx, corpus, vqa, tokenizer, cache, False, "two-stream-scenes-vqa")
-    return {TWO_STREAM_SCENES_VQA: place_reads(ctx, vqa, corpus, tokenizer, cache)}
+    return {TWO_STREAM_SCENES_VQA: train_from_two_hop(ctx, vqa, corpus, tokenizer, cache)}
 
 
-def place_reads(ctx: Context, two_hop, corpus: VQACorpus, tokenizer, cache: TowerCache):
+def train_from_two_hop(ctx: Context, two_hop, corpus: VQACorpus, tokenizer, cache: TowerCache):
     """The scenes model's later stages: the trained two_hop model grown into two_hop_placed
     (with_placed_reads) and trained on, its relation path trained on (train_relations), then its
     text query projections; saved after each."""

@@ -20,6 +20,7 @@ from models.demo.two_stream import (
     TowerCache,
     balanced_batches,
     draw_tower_setting,
+    freeze_towers,
     fused_logits,
     grounding_loss,
     grounding_targets,
@@ -92,8 +93,7 @@ def check_the_relation_stage(tmp_path):
     config.label2id = {a: i for i, a in enumerate(SCENE_ANSWERS)}
     torch.manual_seed(0)
     model = TwoStreamForQuestionAnswering(config)
-    for p in model.two_stream.vision.parameters():
-        p.requires_grad_(False)
+    freeze_towers(model)
     words = sorted({w for q in corpus.questions for w in q.rstrip("?").split()} | {"?"})
     tokenizer = build_tokenizer(tmp_path / "tokenizer", words, 16)
     # every tower setting: the same random 64 px tower outputs ([CLS] + 8 x 8 patches)
