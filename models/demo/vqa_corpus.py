@@ -11,7 +11,7 @@ import numpy as np
 from models.demo import data
 from models.demo.scenes import ANSWERS as SCENE_ANSWERS
 from models.demo.scenes import SceneSplit
-from models.demo.scenes.graph import covered_patches
+from models.demo.scenes.graph import ATTRIBUTES, centre_density, covered_patches
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,12 @@ class VQACorpus:
     # other, for questions about two objects (relation, nearest, compare); both rows `grounding`'s
     # for the rest. What a two-read image pooling is grounded on ("two_hop").
     object_grounding: np.ndarray | None = None
+    # Per image, where its objects' centres are and their attributes (graph.centre_density): what a
+    # count path is trained on; None without scene graphs. attribute_values: how many values each
+    # attribute takes.
+    count_density: np.ndarray | None = None  # (images, patches) float32
+    count_attributes: np.ndarray | None = None  # (images, patches, attributes) int64, -100: none
+    attribute_values: tuple[int, ...] = ()
 
     def first_images(self, n: int) -> VQACorpus:
         """The corpus cut to its first n images and their questions."""
@@ -45,6 +51,9 @@ class VQACorpus:
             tuple(self.forms[i] for i in keep),
             None if self.grounding is None else self.grounding[keep],
             None if self.object_grounding is None else self.object_grounding[keep],
+            None if self.count_density is None else self.count_density[:n],
+            None if self.count_attributes is None else self.count_attributes[:n],
+            self.attribute_values,
         )
 
 
@@ -76,8 +85,8 @@ def easy_vqa(split: data.Split) -> VQACorpus:
 def scenes(split: SceneSplit, grid: int | None = None) -> VQACorpus:
     """The scenes set balances its answers within each question type by construction, so batches
     only balance the types (counting and relations are as frequent as colour questions).
-    grid: the model's patch grid side, for `grounding` (None: no grounding)."""
-    grounding = by_object = None
+    grid: the model's patch grid side, for `grounding` and the count targets (None: neither)."""
+    grounding = by_object = density = attributes = None
     if grid is not None:
         rows, pairs = [], []
         for s, targets in zip(split.question_image, split.targets, strict=True):
@@ -86,6 +95,9 @@ def scenes(split: SceneSplit, grid: int | None = None) -> VQACorpus:
             pairs.append([covered_patches([o], grid) for o in named] if len(named) == 2 else [rows[-1]] * 2)
         grounding = np.stack(rows) if rows else np.zeros((0, grid * grid), dtype=bool)
         by_object = np.stack(pairs) if pairs else np.zeros((0, 2, grid * grid), dtype=bool)
+        maps = [centre_density(scene.objects, grid) for scene in split.scenes]
+        density = np.stack([m[0] for m in maps]) if maps else np.zeros((0, grid * grid), np.float32)
+        attributes = np.stack([m[1] for m in maps]) if maps else np.zeros((0, grid * grid, 3), np.int64)
     return VQACorpus(
         "scenes",
         split.images,
@@ -96,4 +108,7 @@ def scenes(split: SceneSplit, grid: int | None = None) -> VQACorpus:
         tuple((t,) for t in split.types),
         grounding,
         by_object,
+        density,
+        attributes,
+        tuple(len(values) for values in ATTRIBUTES.values()),
     )

@@ -30,6 +30,10 @@ class TwoStreamConfig(PretrainedConfig):
     two objects: the first by the phrase the question names first, the second by the other phrase
     and what the first read (modeling.TwoHopPool), or "two_hop_placed", the same two reads told
     where they looked (modeling.PlacedTwoHopPool).
+    count_attributes: how many values each attribute of an object takes (e.g. colours, shapes, sizes)
+    for the count path (modeling.ObjectCount), which detects objects among the image tokens and
+    classifies each by these attributes; empty: the model has no count path.
+    count_labels: the label ids of the answers 0, 1, 2, ... in order, which the count path scores.
     """
 
     model_type = "tokenlean-two-stream"
@@ -52,6 +56,8 @@ class TwoStreamConfig(PretrainedConfig):
     tokenlean_weight_sources: dict | None = None
     text_query_layers: list[int] | tuple[int, ...] = ()
     image_pooling: str = "cls"
+    count_attributes: list[int] | tuple[int, ...] = ()
+    count_labels: list[int] | tuple[int, ...] = ()
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -59,6 +65,10 @@ class TwoStreamConfig(PretrainedConfig):
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
         if self.image_pooling not in IMAGE_POOLING:
             raise ValueError(f"image_pooling {self.image_pooling!r} is not one of {IMAGE_POOLING}")
+        if bool(self.count_attributes) != bool(self.count_labels):
+            raise ValueError("count_attributes and count_labels go together (a count path needs both)")
+        if any(n < 1 for n in self.count_attributes):
+            raise ValueError(f"count_attributes {self.count_attributes} must be positive value counts")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of the patch size {self.patch_size}"
@@ -72,6 +82,11 @@ class TwoStreamConfig(PretrainedConfig):
     def places_reads(self) -> bool:
         """Whether the pooling decodes image token positions (trained on the patch centres)."""
         return self.image_pooling == "two_hop_placed"
+
+    @property
+    def counts_objects(self) -> bool:
+        """Whether the model has a count path (modeling.ObjectCount)."""
+        return bool(self.count_labels)
 
     @property
     def patch_size(self) -> int:

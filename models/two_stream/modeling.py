@@ -14,6 +14,7 @@ A fusion layer's forward is `attend` then `feed_forward`, so a reduced forward
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -209,6 +210,56 @@ class PlacedTwoHopPool(TwoHopPool):
         return torch.cat([reads, related.transpose(1, 2)], dim=1)
 
 
+def counted(
+    density: torch.Tensor, attributes: Sequence[torch.Tensor], accept: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """How many objects a question counts: density (B, N) of object centres per token, attributes
+    the tokens' logits over each attribute's values ((B, N, values) each), accept the question's
+    probability of counting each value ((B, values) each) -> (B,), the sum over tokens of the
+    density times the probability that the object centred there is counted."""
+    kept = density
+    for logits, ok in zip(attributes, accept, strict=True):
+        kept = kept * (logits.softmax(-1) @ ok.unsqueeze(-1)).squeeze(-1)
+    return kept.sum(dim=1)
+
+
+class ObjectCount(nn.Module):
+    """The count path (config.count_attributes): "how many red circles are there?" answered by
+    detection. `detect` maps each image token to a density of object centres (softplus; trained
+    on the scene graphs so a scene's map sums to its object count: models/demo/two_stream.py) and
+    to the attributes of the object centred there; the pooled question sets which values of each
+    attribute it counts (`accept`, sigmoids); the count is `counted`. It reaches the answer as a
+    score per number answer n, -scale (n - count)^2 with the scale set by the question (zero at
+    growth: models/demo/two_stream.with_counting). A merged token's density is read from its mean
+    feature, not multiplied by its size: merging joins the patches of one object more often than
+    two objects. Heads reading attention summaries counted 55-59 % of the scenes set's counting
+    questions; probes on the image tokens, docs/demo-models.md."""
+
+    def __init__(self, config: TwoStreamConfig):
+        super().__init__()
+        d, self.groups = config.hidden_size, list(config.count_attributes)
+        self.detect = nn.Sequential(
+            nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1 + sum(self.groups))
+        )
+        self.accept = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, sum(self.groups)))
+        self.scale = nn.Linear(d, 1)
+        self.numbers = len(config.count_labels)
+
+    def detections(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(B, N, D) image tokens -> (density (B, N), per attribute its logits (B, N, values))."""
+        out = self.detect(image)
+        return F.softplus(out[..., 0]), out[..., 1:].split(self.groups, dim=-1)
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """text (B, D) the pooled question, image (B, N, D) with [CLS] first -> the number answers'
+        scores (B, len(count_labels))."""
+        density, attributes = self.detections(image[:, 1:])
+        accept = torch.sigmoid(self.accept(text)).split(self.groups, dim=-1)
+        count = counted(density, attributes, accept)
+        numbers = torch.arange(self.numbers, device=text.device, dtype=text.dtype)
+        return -self.scale(text) * (numbers - count.unsqueeze(-1)).pow(2)
+
+
 class FusionStream(nn.Module):
     """One stream's half of a fusion layer."""
 
@@ -305,6 +356,7 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
             "two_hop_placed": PlacedTwoHopPool,
         }[config.image_pooling]
         self.image_query = None if pooling is None else pooling(config)
+        self.counter = ObjectCount(config) if config.counts_objects else None
         self.post_init()
 
     def text_queries(self, text_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -359,7 +411,8 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         image_size: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """pool, and where each image summary read by attention looked: one (B, image tokens)
-        head-averaged attention per read ("text_query": one, "two_hop": two, "cls": none).
+        head-averaged attention per read ("text_query": one, "two_hop": two, "cls": none). With a
+        count path, the pooled output ends with its scores of the number answers.
         text_weight (B, Nt): input tokens each text token stands for, 0 for padding (None: 1 each).
         image_size (B, Ni): patches each image token stands for (None: 1 each).
         The text stream is mean-pooled, as its sentence-embedding tower was trained: its [CLS]
@@ -381,6 +434,8 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
             looks = (look,)
         image = torch.tanh(self.image_pool(image)).flatten(1)  # the reads side by side
         pooled = torch.cat([torch.tanh(self.text_pool(text)), image], dim=-1)
+        if self.counter is not None:
+            pooled = torch.cat([pooled, self.counter(text, i)], dim=-1)
         return t, i, pooled, looks
 
     def forward(
@@ -433,7 +488,15 @@ class TwoStreamForQuestionAnswering(TwoStreamPreTrainedModel):
         self.post_init()
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(with_product(pooled, self.config.image_reads))
+        """pooled (TwoStreamModel.pool) -> answer logits; the count path's scores (pooled's last
+        len(count_labels) columns) add to the number answers' logits."""
+        if not self.config.counts_objects:
+            return self.classifier(with_product(pooled, self.config.image_reads))
+        numbers = len(self.config.count_labels)
+        logits = self.classifier(with_product(pooled[:, :-numbers], self.config.image_reads))
+        labels = torch.tensor(self.config.count_labels, device=logits.device)
+        to_labels = F.one_hot(labels, self.config.num_labels).to(logits.dtype)  # row n: answer n's label
+        return logits + pooled[:, -numbers:] @ to_labels
 
     def forward(self, input_ids, pixel_values, attention_mask=None, **kwargs) -> TwoStreamOutput:
         out = self.two_stream(input_ids, pixel_values, attention_mask)

@@ -26,11 +26,13 @@ QUESTIONS = ["what shape is this?", "is there a blue triangle in the image or no
         "two-stream-vqa-text-query",
         "two-stream-vqa-two-hop",
         "two-stream-vqa-two-hop-placed",
+        "two-stream-vqa-counting",
     ],
 )
 def checkpoint(tmp_path_factory, request) -> Path:
     """A tiny two-stream VQA model (heads reading the image's [CLS], or the image read by the
-    pooled text, once, or twice knowing where the reads looked) with the ViLT demo's small
+    pooled text, once, or twice knowing where the reads looked, and those with a count path) with
+    the ViLT demo's small
     word-piece tokenizer (its ids fit the tiny text tower's vocabulary)."""
     folder = tmp_path_factory.mktemp("two-stream")
     build_two_stream(request.param, "dinov2").save_pretrained(folder)

@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import build_two_stream, two_stream_config, vilt_inputs
 from torch import nn
 
@@ -15,10 +16,13 @@ from models.demo.scenes import ANSWERS as SCENE_ANSWERS
 from models.demo.scenes import SAMPLE, load_split
 from models.demo.training import Context, Schedule, build_tokenizer, optimise, train_mode
 from models.demo.two_stream import (
+    COUNT_PATH,
+    DENSITY_WEIGHT,
     RELATION_PATH,
     TOWER_SETTINGS,
     TowerCache,
     balanced_batches,
+    count_loss,
     draw_tower_setting,
     freeze_towers,
     fused_logits,
@@ -27,8 +31,10 @@ from models.demo.two_stream import (
     patch_centres,
     position_loss,
     start_as_identity,
+    train_counting,
     train_relations,
     unreduced_fusion,
+    with_counting,
     with_placed_reads,
 )
 from models.demo.vqa_corpus import question_form, scenes
@@ -84,7 +90,9 @@ def test_the_relation_stage_trains_the_relation_path_and_nothing_else(tmp_path):
         check_the_relation_stage(tmp_path)
 
 
-def check_the_relation_stage(tmp_path):
+def tiny_scenes_model(tmp_path):
+    """A tiny two_hop_placed model answering the scenes set, the sample's training corpus, a
+    tokenizer for it and a tower cache of random outputs."""
     split = load_split(SAMPLE, "train")
     corpus = scenes(split, grid=8)
     config = two_stream_config(image_pooling="two_hop_placed")
@@ -101,6 +109,11 @@ def check_the_relation_stage(tmp_path):
     cache = TowerCache(
         {s: x for s in TOWER_SETTINGS}, {s: torch.ones(x.shape[:2]).half() for s in TOWER_SETTINGS}
     )
+    return model, corpus, tokenizer, cache
+
+
+def check_the_relation_stage(tmp_path):
+    model, corpus, tokenizer, cache = tiny_scenes_model(tmp_path)
     ctx = Context(
         tmp_path, None, 0, 1.0, {"seconds": {}}, {"two-stream-scenes-relations": Schedule(3, 8, 1e-2)}
     )
@@ -111,6 +124,39 @@ def check_the_relation_stage(tmp_path):
     assert changed and all(n.startswith(RELATION_PATH) for n in changed)
     assert all(any(n.startswith(prefix) for n in changed) for prefix in RELATION_PATH)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trained_before
+
+
+def test_the_count_stage_trains_the_count_path_and_nothing_else(tmp_path):
+    with torch.inference_mode(False), torch.enable_grad():
+        model, corpus, tokenizer, cache = tiny_scenes_model(tmp_path)
+        model = with_counting(model, corpus.attribute_values)
+        ctx = Context(
+            tmp_path, None, 0, 1.0, {"seconds": {}}, {"two-stream-scenes-count": Schedule(4, 8, 1e-2)}
+        )
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trained_before = {n for n, p in model.named_parameters() if p.requires_grad}
+        train_counting(ctx, model, corpus, tokenizer, cache)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(COUNT_PATH) for n in changed)
+    parts = ("detect", "accept", "scale")  # the detector (count_loss), which values count, how much
+    assert all(any(n.startswith(f"two_stream.counter.{part}.") for n in changed) for part in parts)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained_before
+
+
+def test_the_count_loss_weighs_the_density_error_and_the_attributes_of_cells_with_an_object():
+    model = build_two_stream("two-stream-vqa-counting")
+    image = torch.randn(2, 65, 32)
+    density, attributes = model.two_stream.counter.detections(image[:, 1:])
+    labels = torch.stack([a.argmax(-1) for a in attributes], -1)
+    labels[1] = -100  # the second image has no object: no attribute to learn there
+    cross_entropy = sum(
+        F.cross_entropy(a[0], labels[0, :, k]).item() for k, a in enumerate(attributes)
+    )  # the right attributes' cross-entropy is the smallest there is, and above zero
+    assert count_loss(model, image, density, labels).item() == pytest.approx(cross_entropy, rel=1e-5)
+    off = count_loss(model, image, density + 0.5, labels).item()
+    assert off == pytest.approx(cross_entropy + DENSITY_WEIGHT * 0.25, rel=1e-5)
+    nothing = torch.full_like(labels, -100)
+    assert count_loss(model, image, density + 0.5, nothing).item() == pytest.approx(DENSITY_WEIGHT * 0.25)
 
 
 def test_fusion_training_sees_every_tower_method_and_level_and_none_a_quarter_of_the_time():
@@ -261,6 +307,30 @@ def test_a_two_hop_model_grown_into_placed_reads_answers_as_it_did(level, method
     trainable = {n for n, p in grown.named_parameters() if p.requires_grad}
     assert {"two_stream.image_query.where.weight", "two_stream.image_query.relate.weight"} <= trainable
     assert not any(n.startswith(("two_stream.vision.", "two_stream.text.")) for n in trainable)
+
+
+@pytest.mark.parametrize(("level", "method"), [("none", None), ("high", "pumer"), ("medium", "tome")])
+def test_a_model_grown_a_count_path_answers_as_it_did(level, method):
+    placed = build_two_stream("two-stream-vqa-two-hop-placed")
+    placed.config.id2label = {0: "yes", 1: "no", 2: "0", 3: "1", 4: "2", 5: "red", 6: "blue"}
+    placed.config.label2id = {a: i for i, a in placed.config.id2label.items()}
+    grown = with_counting(placed, (3, 2)).eval()
+    assert grown.config.count_labels == [2, 3, 4] and grown.config.count_attributes == [3, 2]
+    inputs = vilt_inputs()
+    ids, px, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
+    before, after = reducible(placed), reducible(grown)
+    plan = named_plan(before, level, method)
+    assert torch.equal(after(ids, px, mask, plan=plan).logits, before(ids, px, mask, plan=plan).logits)
+    trainable = {n for n, p in grown.named_parameters() if p.requires_grad}
+    assert {"two_stream.counter.detect.0.weight", "two_stream.counter.scale.weight"} <= trainable
+    assert not any(n.startswith(("two_stream.vision.", "two_stream.text.")) for n in trainable)
+    with pytest.raises(ValueError, match="already has a count path"):
+        with_counting(grown, (3, 2))
+
+
+def test_a_model_without_number_answers_grows_no_count_path():
+    with pytest.raises(ValueError, match="no number answers"):
+        with_counting(build_two_stream("two-stream-vqa-two-hop-placed"), (3, 2))
 
 
 def test_only_a_two_hop_model_grows_placed_reads():

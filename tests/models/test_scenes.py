@@ -38,7 +38,7 @@ from models.demo.scenes import (
     render,
 )
 from models.demo.scenes.dataset import rng_for
-from models.demo.scenes.graph import covered_patches
+from models.demo.scenes.graph import ATTRIBUTES, centre_density, covered_patches
 from models.demo.vqa_corpus import scenes as scenes_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -326,6 +326,27 @@ def test_covered_patches_are_the_grid_cells_an_objects_box_reaches_into():
     corner = Obj("star", "red", "small", x=212.0, y=221.0, extent=12.0, rgb=(255, 0, 0))  # y to 227
     assert np.flatnonzero(covered_patches([corner], 16)).tolist() == [15 * 16 + 14, 15 * 16 + 15]
     assert not covered_patches([], 16).any()
+
+
+def test_centre_density_gives_each_object_a_unit_mass_around_its_centre():
+    # 14 px cells: a centre on a cell's centre puts all its mass there; one on the corner where
+    # four cells meet, a quarter in each
+    on_centre = Obj("circle", "blue", "small", x=21.0, y=7.0, extent=12.0, rgb=(0, 0, 255))
+    corner = Obj("star", "red", "large", x=56.0, y=56.0, extent=40.0, rgb=(255, 0, 0))
+    density, attributes = centre_density([on_centre, corner], 16)
+    grid = density.reshape(16, 16)
+    assert grid[0, 1] == 1.0 and grid.sum() == pytest.approx(2.0)
+    assert grid[3:5, 3:5].tolist() == [[0.25, 0.25], [0.25, 0.25]]
+    values = [ATTRIBUTES[k].index(v) for k, v in (("color", "blue"), ("shape", "circle"), ("size", "small"))]
+    assert attributes[1].tolist() == values
+    assert (attributes[density == 0] == -100).all()
+    # mass past the border stays in the edge cells
+    edge = Obj("square", "green", "small", x=3.0, y=3.0, extent=6.0, rgb=(0, 255, 0))
+    assert centre_density([edge], 16)[0].reshape(16, 16)[0, 0] == pytest.approx(1.0)
+    split = load_split(SAMPLE, "train")
+    corpus = scenes_corpus(split, grid=16)
+    assert corpus.count_density.sum(axis=1) == pytest.approx([len(s.objects) for s in split.scenes])
+    assert corpus.attribute_values == tuple(len(v) for v in ATTRIBUTES.values())
 
 
 def test_grounding_marks_the_cells_under_every_object_a_question_names():

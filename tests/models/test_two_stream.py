@@ -12,6 +12,7 @@ from models import NO_REDUCTION, LayerSpec, ReductionPlan, reducible
 from models.levels import named_plan, resolve
 from models.loading import load_model
 from models.plan import LEVELS
+from models.two_stream.modeling import counted
 
 TOL = 1e-5
 
@@ -284,3 +285,45 @@ def test_placed_two_hop_relates_where_the_reads_looked_by_a_phrase_and_steers_th
     distance = (pool.where(image) - first_at).norm(dim=-1)
     assert ((near[:, 1] * distance).sum(-1) < (far[:, 1] * distance).sum(-1)).all()
     assert torch.allclose(near[:, 0], far[:, 0])  # the first read does not depend on it
+
+
+def test_the_count_is_the_density_of_the_objects_whose_every_attribute_the_question_accepts():
+    # three tokens: one object each at the first two (density 1), background at the third
+    density = torch.tensor([[1.0, 1.0, 0.0]])
+    sure = 30.0  # logits this far apart are a certainty
+    colour = torch.tensor([[[sure, 0.0], [0.0, sure], [sure, 0.0]]])  # red, blue, (red)
+    shape = torch.tensor([[[sure, 0.0], [sure, 0.0], [0.0, sure]]])  # circle, circle, (square)
+    every = torch.ones(1, 2)
+    assert counted(density, [colour, shape], [every, every]).item() == pytest.approx(2.0)
+    red = torch.tensor([[1.0, 0.0]])
+    assert counted(density, [colour, shape], [red, every]).item() == pytest.approx(1.0)
+    squares = torch.tensor([[0.0, 1.0]])
+    assert counted(density, [colour, shape], [every, squares]).item() == pytest.approx(0.0, abs=1e-6)
+    # a token half sure of its object's colour counts half of it
+    colour[0, 1] = 0.0
+    assert counted(density, [colour, shape], [red, every]).item() == pytest.approx(1.5)
+
+
+def test_the_count_path_scores_only_the_number_answers():
+    model = build_two_stream("two-stream-vqa-counting")
+    ids, px, mask = inputs()
+    with torch.no_grad():
+        before = model(ids, px, mask).logits
+        model.two_stream.counter.scale.bias.add_(1.0)
+        after = model(ids, px, mask).logits
+    numbers = model.config.count_labels
+    others = [i for i in range(model.config.num_labels) if i not in numbers]
+    assert torch.equal(before[:, others], after[:, others])
+    assert not torch.allclose(before[:, numbers], after[:, numbers])
+    # the scores are -scale (n - count)^2: their differences between answers are quadratic in n
+    scores = model.two_stream(ids, px, mask).pooler_output[:, -len(numbers) :]
+    second = scores[:, 2:] - 2 * scores[:, 1:-1] + scores[:, :-2]
+    assert torch.allclose(second, second[:, :1].expand_as(second), atol=1e-4)
+
+
+def test_a_count_path_needs_its_labels_and_attributes_together():
+    from conftest import two_stream_config
+
+    config = two_stream_config()
+    with pytest.raises(ValueError, match="go together"):
+        type(config)(**{**config.to_dict(), "count_attributes": [3]})

@@ -144,6 +144,35 @@ def covered_patches(objects: Sequence[Obj], grid: int) -> np.ndarray:
     return covered.reshape(-1)
 
 
+ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES}  # what the count path classifies
+
+
+def centre_density(objects: Sequence[Obj], grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the objects' centres are on a grid x grid split of the image, as a count path is
+    trained to map them: (density (grid * grid,) float32, attributes (grid * grid, len(ATTRIBUTES))
+    int64). Each centre's unit mass is split bilinearly over the (up to) four cells whose centres
+    surround it, so the map sums to the number of objects and moves smoothly with them; a cell's
+    attributes (indices into ATTRIBUTES' values) are those of the object giving it the most mass,
+    -100 where no object gives it any."""
+    cell = REFERENCE / grid
+    density = np.zeros((grid, grid), dtype=np.float32)
+    heaviest = np.zeros((grid, grid), dtype=np.float32)
+    attributes = np.full((grid, grid, len(ATTRIBUTES)), -100, dtype=np.int64)
+    for o in objects:
+        gx, gy = o.x / cell - 0.5, o.y / cell - 0.5  # in cell-centre units
+        x0, y0 = math.floor(gx), math.floor(gy)
+        values = [ATTRIBUTES[k].index(getattr(o, k)) for k in ATTRIBUTES]
+        for column in (x0, x0 + 1):
+            for row in (y0, y0 + 1):
+                w = (1 - abs(gx - column)) * (1 - abs(gy - row))
+                cx, cy = min(grid - 1, max(0, column)), min(grid - 1, max(0, row))  # mass stays in
+                density[cy, cx] += w
+                if w > heaviest[cy, cx]:
+                    heaviest[cy, cx] = w
+                    attributes[cy, cx] = values
+    return density.reshape(-1), attributes.reshape(grid * grid, -1)
+
+
 def fits(new: Obj, placed: list[Obj]) -> bool:
     for o in placed:
         if o.color == new.color:
