@@ -69,17 +69,16 @@ RELATION_STEPS = 2400
 RELATION_PATH = ("two_stream.image_query.phrase_scores.", "two_stream.image_query.relate.", "classifier.")
 RELATION_SHARE = 0.25
 # The fourth stage (train_counting): the count path (modeling.ObjectCount) alone, on batches a
-# quarter counting questions; its first COUNT_DENSE_FRACTION of steps unreduced, with count_loss.
+# quarter counting questions, with count_loss on every step.
 COUNT_PATH = ("two_stream.counter.",)
 COUNT_SHARE = 0.25
-COUNT_DENSE_FRACTION = 0.4
 # count_loss: weight of the per-patch density error (the attributes' cross-entropy weighs 1)
 DENSITY_WEIGHT = 20.0
 SCENES_SCHEDULES = {
     "two-stream-scenes-vqa": Schedule(steps=5000, batch=32, lr=1e-3),
     "two-stream-scenes-placed": Schedule(steps=2000, batch=32, lr=1e-3),
     "two-stream-scenes-relations": Schedule(steps=RELATION_STEPS, batch=32, lr=1e-3),
-    "two-stream-scenes-count": Schedule(steps=3000, batch=32, lr=1e-3),
+    "two-stream-scenes-count": Schedule(steps=4500, batch=32, lr=1e-3),
     "two-stream-scenes-text-query": Schedule(steps=400, batch=64, lr=1e-3),
 }
 # Text-informed pruning in the tower (`text-evit`): a query projection at each layer EViT prunes
@@ -217,18 +216,33 @@ def with_counting(model: TwoStreamForQuestionAnswering, attribute_values: Sequen
     return grown.to(model.dtype)
 
 
-def count_loss(model, image: torch.Tensor, density: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
-    """The count path's detections of the unreduced image stream's patches ([CLS] left out)
+def count_loss(model, tower: torch.Tensor, density: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+    """The count path's detections on the unreduced vision tower's patch tokens ([CLS] left out)
     against where the objects' centres are (VQACorpus.count_density, count_attributes of the
     rows' images): DENSITY_WEIGHT x the density's mean squared error, plus the cross-entropy of
     each attribute on the cells an object's centre gives mass to (attributes -100 elsewhere)."""
-    found, logits = model.two_stream.counter.detections(image[:, 1:])
+    found, logits = model.two_stream.counter.detections(tower[:, 1:])
     loss = DENSITY_WEIGHT * F.mse_loss(found, density)
     named = attributes[..., 0] != -100
     if named.any():
         for k, values in enumerate(logits):
             loss = loss + F.cross_entropy(values[named], attributes[..., k][named])
     return loss
+
+
+def accept_loss(model, question: torch.Tensor, objects: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the count path counting each object of the rows' scenes (the
+    product over its attributes of the question's accept probability of its value) against
+    whether the question counts it. question (B, text width): the text tower's pooled output;
+    objects (B, M, attributes): each object's attribute values, -1 past the scene's last; counted
+    (B, M) bool. The answers alone teach the accept sets slowly: a count off by one barely moves
+    the answer's cross-entropy when the count path's scale is still small."""
+    accepts = model.two_stream.counter.accepts(question)
+    real = objects[..., 0] >= 0
+    kept = torch.ones(objects.shape[:2], dtype=question.dtype)
+    for k, accept in enumerate(accepts):
+        kept = kept * accept.gather(1, objects[..., k].clamp_min(0))
+    return F.binary_cross_entropy(kept[real].clamp(1e-6, 1 - 1e-6), counted[real].to(kept.dtype))
 
 
 def start_as_identity(model) -> None:
@@ -294,6 +308,7 @@ def unreduced_fusion(rm, ids, mask, image_x) -> tuple[torch.Tensor, list[torch.T
     base = rm.base
     with torch.no_grad():
         text_states = base.text_tokens(ids, mask)
+    counts = base.count_scores(text_states, mask, image_x)
     t, i = base.enter(text_states, image_x)
     text_bias = padding_bias(mask, t.dtype)
     weight = mask.to(t.dtype) / mask.sum(dim=1, keepdim=True)
@@ -303,7 +318,7 @@ def unreduced_fusion(rm, ids, mask, image_x) -> tuple[torch.Tensor, list[torch.T
         probs = attention_probs(att.text_cross_queries, att.image_cross_keys, None, att.scale, slice(None))
         looks.append((probs * weight[..., None]).sum(dim=1))
         t, i = layer.feed_forward(t, i)
-    _, i, pooled, reads = base.pool_and_look(t, i, mask)
+    _, i, pooled, reads = base.pool_and_look(t, i, mask, None, counts)
     return rm.model.head(pooled), looks + list(reads), i
 
 
@@ -437,11 +452,12 @@ def fused_logits(rm, ids, mask, image_x, image_size, tower: str, fusion_level: s
     base = rm.base
     with torch.no_grad():
         text_states = base.text_tokens(ids, mask)
+    counts = base.count_scores(text_states, mask, image_x)
     t, i = base.enter(text_states, image_x)
     text = initial_tokens(t, valid=mask.bool())
     image = Tokens(x=i, size=image_size, unit_size=tower == "none")
     text, image = rm.fuse(text, image, named_plan(rm, fusion_level, "pumer"), [])
-    return rm.model.head(base.pool(text.x, image.x, text_weight(text), image.size)[2])
+    return rm.model.head(base.pool(text.x, image.x, text_weight(text), image.size, counts)[2])
 
 
 def balanced_batches(
@@ -506,7 +522,8 @@ def train_vqa(
 ) -> TwoStreamForQuestionAnswering:
     """Train `model` (its labels: the corpus's answer vocabulary) under schedule `name`.
     shares: balanced_batches's. grounded_fraction: the share of first steps run unreduced with the
-    grounding (and position, and count_loss) losses, when the corpus has grounding."""
+    grounding (and position) losses, when the corpus has grounding. A model with a count path, on
+    a corpus with count targets, also gets counting_loss on every step."""
     train, answers = corpus, corpus.vocabulary
     if [model.config.id2label[i] for i in range(len(answers))] != list(answers):
         raise ValueError("the model's labels are not the corpus's answers")
@@ -517,9 +534,30 @@ def train_vqa(
     y = torch.tensor([answers.index(a) for a in train.answers])
 
     grounded = train.grounding is not None
-    if train.count_density is not None:
-        train_density = torch.from_numpy(train.count_density)
-        train_attributes = torch.from_numpy(train.count_attributes)
+    counting = model.config.counts_objects and train.count_density is not None
+    if counting:
+        density, attributes = torch.from_numpy(train.count_density), torch.from_numpy(train.count_attributes)
+        number = torch.full((len(answers),), -1)  # each answer's number, -1 for the rest
+        number[model.config.count_labels] = torch.arange(len(model.config.count_labels))
+        objects = torch.from_numpy(train.object_attributes)
+
+    def counting_loss(model, ids, mask, tower, rows: np.ndarray) -> torch.Tensor:
+        """count_loss on the rows' images; on the rows answered by a number, the cross-entropy of
+        the count path's own scores (so it learns to count whatever the head makes of it) and
+        accept_loss (which objects the question counts)."""
+        images = torch.from_numpy(train.question_image[rows])
+        loss = count_loss(model, tower, density[images], attributes[images])
+        numbered = number[y[rows]]
+        on = numbered >= 0
+        if on.any():
+            with torch.no_grad():
+                text_states = model.two_stream.text_tokens(ids[on], mask[on])
+            scores = model.two_stream.count_scores(text_states, mask[on], tower[on])
+            loss = loss + F.cross_entropy(scores, numbered[on])
+            question = model.two_stream.question(text_states, mask[on])
+            about = torch.from_numpy(train.question_objects[rows])[on]
+            loss = loss + accept_loss(model, question, objects[images[on]], about)
+        return loss
 
     def run(schedule: Schedule):
         rng, prng = np.random.default_rng(ctx.seed), random.Random(ctx.seed)
@@ -541,15 +579,16 @@ def train_vqa(
                 ground = grounding_loss(looks, targets)
                 if model.config.places_reads:
                     ground = position_loss(model, image) + (0 if ground is None else ground)
-                if model.config.counts_objects and train.count_density is not None:
-                    images = torch.from_numpy(train.question_image[idx.numpy()])
-                    dense = count_loss(model, image, train_density[images], train_attributes[images])
-                    ground = dense + (0 if ground is None else ground)
             else:
                 logits = fused_logits(rm, ids, mask, x, size, tower, fusion_level)
             loss = F.cross_entropy(logits, y[idx])
             if ground is not None:
                 loss = loss + ground
+            if counting:
+                unreduced = (
+                    x if tower == "none" else cache.tokens("none", train.question_image[idx.numpy()])[0]
+                )
+                loss = loss + counting_loss(model, ids, mask, unreduced, idx.numpy())
             if distill and (tower, fusion_level) != ("none", "none"):
                 x0, s0 = cache.tokens("none", train.question_image[idx.numpy()])
                 with torch.no_grad():
@@ -742,9 +781,8 @@ def train_relations(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: To
 
 
 def train_counting(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: TowerCache):
-    """Train only the count path (COUNT_PATH), on batches COUNT_SHARE counting questions: its
-    first COUNT_DENSE_FRACTION of steps unreduced with count_loss, so the detector learns where
-    objects are before the answers train which of them a question counts."""
+    """Train only the count path (COUNT_PATH), on batches COUNT_SHARE counting questions, with
+    the detector's count_loss and the count path's own answer loss on every step (train_vqa)."""
     with training_only(model, COUNT_PATH):
         return train_vqa(
             ctx,
@@ -755,7 +793,7 @@ def train_counting(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: Tow
             False,
             "two-stream-scenes-count",
             shares={("count",): COUNT_SHARE},
-            grounded_fraction=COUNT_DENSE_FRACTION,
+            grounded_fraction=0.0,
         )
 
 

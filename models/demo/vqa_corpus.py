@@ -11,7 +11,7 @@ import numpy as np
 from models.demo import data
 from models.demo.scenes import ANSWERS as SCENE_ANSWERS
 from models.demo.scenes import SceneSplit
-from models.demo.scenes.graph import ATTRIBUTES, centre_density, covered_patches
+from models.demo.scenes.graph import ATTRIBUTES, MAX_OBJECTS, centre_density, covered_patches
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,11 @@ class VQACorpus:
     count_density: np.ndarray | None = None  # (images, patches) float32
     count_attributes: np.ndarray | None = None  # (images, patches, attributes) int64, -100: none
     attribute_values: tuple[int, ...] = ()
+    # Per image its objects' attributes (images, MAX_OBJECTS, attributes) int64, -1 past the last;
+    # per question the objects it is about (questions, MAX_OBJECTS) bool: for a counting question
+    # the objects it counts. What a count path learns which objects a question counts from.
+    object_attributes: np.ndarray | None = None
+    question_objects: np.ndarray | None = None
 
     def first_images(self, n: int) -> VQACorpus:
         """The corpus cut to its first n images and their questions."""
@@ -54,6 +59,8 @@ class VQACorpus:
             None if self.count_density is None else self.count_density[:n],
             None if self.count_attributes is None else self.count_attributes[:n],
             self.attribute_values,
+            None if self.object_attributes is None else self.object_attributes[:n],
+            None if self.question_objects is None else self.question_objects[keep],
         )
 
 
@@ -87,6 +94,13 @@ def scenes(split: SceneSplit, grid: int | None = None) -> VQACorpus:
     only balance the types (counting and relations are as frequent as colour questions).
     grid: the model's patch grid side, for `grounding` and the count targets (None: neither)."""
     grounding = by_object = density = attributes = None
+    objects = np.full((len(split.scenes), MAX_OBJECTS, len(ATTRIBUTES)), -1, dtype=np.int64)
+    for s, scene in enumerate(split.scenes):
+        for k, o in enumerate(scene.objects):
+            objects[s, k] = [values.index(getattr(o, name)) for name, values in ATTRIBUTES.items()]
+    about = np.zeros((len(split.questions), MAX_OBJECTS), dtype=bool)
+    for q, targets in enumerate(split.targets):
+        about[q, list(targets)] = True
     if grid is not None:
         rows, pairs = [], []
         for s, targets in zip(split.question_image, split.targets, strict=True):
@@ -111,4 +125,6 @@ def scenes(split: SceneSplit, grid: int | None = None) -> VQACorpus:
         density,
         attributes,
         tuple(len(values) for values in ATTRIBUTES.values()),
+        objects,
+        about,
     )

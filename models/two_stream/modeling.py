@@ -225,39 +225,55 @@ def counted(
 
 class ObjectCount(nn.Module):
     """The count path (config.count_attributes): "how many red circles are there?" answered by
-    detection. `detect` maps each image token to a density of object centres (softplus; trained
-    on the scene graphs so a scene's map sums to its object count: models/demo/two_stream.py) and
-    to the attributes of the object centred there; the pooled question sets which values of each
-    attribute it counts (`accept`, sigmoids); the count is `counted`. It reaches the answer as a
-    score per number answer n, -scale (n - count)^2 with the scale set by the question (zero at
+    detection, beside the fusion layers, from the two towers' outputs. `detect` maps each vision
+    tower token to a density of object centres (softplus; trained on the scene graphs so a
+    scene's map sums to its object count: models/demo/two_stream.count_loss) and to the
+    attributes of the object centred there; the text tower's pooled question sets which values of
+    each attribute it counts (`accept`, sigmoids); the count is `counted`. It reaches the answer
+    as a score per number answer n, -scale (n - count)^2, the scale set by the question (zero at
     growth: models/demo/two_stream.with_counting). A merged token's density is read from its mean
     feature, not multiplied by its size: merging joins the patches of one object more often than
-    two objects. Heads reading attention summaries counted 55-59 % of the scenes set's counting
-    questions; probes on the image tokens, docs/demo-models.md."""
+    two objects. Heads reading attention summaries counted 55-62 % of the scenes set's counting
+    questions, a detector on the fused image stream no better (docs/demo-models.md)."""
 
     def __init__(self, config: TwoStreamConfig):
         super().__init__()
         d, self.groups = config.hidden_size, list(config.count_attributes)
+        vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
         self.detect = nn.Sequential(
-            nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1 + sum(self.groups))
+            nn.LayerNorm(vision, eps=config.layer_norm_eps),
+            nn.Linear(vision, d),
+            nn.GELU(),
+            nn.Linear(d, d),
+            nn.GELU(),
+            nn.Linear(d, 1 + sum(self.groups)),
         )
-        self.accept = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, sum(self.groups)))
-        self.scale = nn.Linear(d, 1)
+        self.accept = nn.Sequential(nn.Linear(text, d), nn.GELU(), nn.Linear(d, sum(self.groups)))
+        self.scale = nn.Linear(text, 1)
         self.numbers = len(config.count_labels)
 
-    def detections(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """(B, N, D) image tokens -> (density (B, N), per attribute its logits (B, N, values))."""
-        out = self.detect(image)
+    def detections(self, tower: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(B, N, vision width) tower tokens -> (density (B, N), per attribute its logits
+        (B, N, values))."""
+        out = self.detect(tower)
         return F.softplus(out[..., 0]), out[..., 1:].split(self.groups, dim=-1)
 
-    def forward(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """text (B, D) the pooled question, image (B, N, D) with [CLS] first -> the number answers'
-        scores (B, len(count_labels))."""
-        density, attributes = self.detections(image[:, 1:])
-        accept = torch.sigmoid(self.accept(text)).split(self.groups, dim=-1)
-        count = counted(density, attributes, accept)
-        numbers = torch.arange(self.numbers, device=text.device, dtype=text.dtype)
-        return -self.scale(text) * (numbers - count.unsqueeze(-1)).pow(2)
+    def accepts(self, question: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, text width) the text tower's pooled question -> per attribute the probability it
+        counts each value, (B, values)."""
+        return torch.sigmoid(self.accept(question)).split(self.groups, dim=-1)
+
+    def count(self, question: torch.Tensor, tower: torch.Tensor) -> torch.Tensor:
+        """question (B, text width) the text tower's pooled output, tower (B, N, vision width) the
+        vision tower's tokens, [CLS] first -> how many objects the question counts (B,)."""
+        density, attributes = self.detections(tower[:, 1:])
+        return counted(density, attributes, self.accepts(question))
+
+    def forward(self, question: torch.Tensor, tower: torch.Tensor) -> torch.Tensor:
+        """-> the number answers' scores (B, len(count_labels)); see `count`."""
+        count = self.count(question, tower)
+        numbers = torch.arange(self.numbers, device=count.device, dtype=count.dtype)
+        return -self.scale(question) * (numbers - count.unsqueeze(-1)).pow(2)
 
 
 class FusionStream(nn.Module):
@@ -359,15 +375,29 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         self.counter = ObjectCount(config) if config.counts_objects else None
         self.post_init()
 
+    @staticmethod
+    def question(text_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The text tower's output mean-pooled over the real tokens (as its sentence embedding is
+        pooled): (B, text width)."""
+        if attention_mask is None:
+            return text_states.mean(dim=1)
+        w = attention_mask.to(text_states.dtype).unsqueeze(-1)
+        return (text_states * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-6)
+
+    def count_scores(
+        self, text_states: torch.Tensor, attention_mask: torch.Tensor | None, tower: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The count path's scores of the number answers from the towers' outputs (ObjectCount),
+        None without one."""
+        if self.counter is None:
+            return None
+        return self.counter(self.question(text_states, attention_mask), tower)
+
     def text_queries(self, text_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The question as a query for each vision tower layer: (B, tower layers, vision width),
-        from the text tower's mean-pooled output (as its sentence embedding is pooled) through each
-        layer's projection; zeros at layers without one."""
-        if attention_mask is None:
-            pooled = text_states.mean(dim=1)
-        else:
-            w = attention_mask.to(text_states.dtype).unsqueeze(-1)
-            pooled = (text_states * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-6)
+        from the text tower's mean-pooled output (`question`) through each layer's projection;
+        zeros at layers without one."""
+        pooled = self.question(text_states, attention_mask)
         layers = self.config.vision_config.num_hidden_layers
         queries = pooled.new_zeros(pooled.shape[0], layers, self.config.vision_config.hidden_size)
         for layer, proj in zip(self.config.text_query_layers, self.text_query, strict=True):
@@ -398,10 +428,12 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         i: torch.Tensor,
         text_weight: torch.Tensor | None,
         image_size: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Final norms, then [text mean, image summaries] through their poolers:
-        (t, i, (B, (1 + config.image_reads) D)). See pool_and_look."""
-        return self.pool_and_look(t, i, text_weight, image_size)[:3]
+        (t, i, (B, (1 + config.image_reads) D)), then `counts` (count_scores) if given. See
+        pool_and_look."""
+        return self.pool_and_look(t, i, text_weight, image_size, counts)[:3]
 
     def pool_and_look(
         self,
@@ -409,10 +441,11 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         i: torch.Tensor,
         text_weight: torch.Tensor | None,
         image_size: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """pool, and where each image summary read by attention looked: one (B, image tokens)
-        head-averaged attention per read ("text_query": one, "two_hop": two, "cls": none). With a
-        count path, the pooled output ends with its scores of the number answers.
+        head-averaged attention per read ("text_query": one, "two_hop": two, "cls": none). A model
+        with a count path needs `counts` (count_scores), which the pooled output ends with.
         text_weight (B, Nt): input tokens each text token stands for, 0 for padding (None: 1 each).
         image_size (B, Ni): patches each image token stands for (None: 1 each).
         The text stream is mean-pooled, as its sentence-embedding tower was trained: its [CLS]
@@ -434,8 +467,12 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
             looks = (look,)
         image = torch.tanh(self.image_pool(image)).flatten(1)  # the reads side by side
         pooled = torch.cat([torch.tanh(self.text_pool(text)), image], dim=-1)
-        if self.counter is not None:
-            pooled = torch.cat([pooled, self.counter(text, i)], dim=-1)
+        if (counts is None) != (self.counter is None):
+            raise ValueError(
+                "count scores go with a count path: pass count_scores' output to a model with one"
+            )
+        if counts is not None:
+            pooled = torch.cat([pooled, counts], dim=-1)
         return t, i, pooled, looks
 
     def forward(
@@ -445,11 +482,13 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> TwoStreamOutput:
-        t, i = self.enter(self.text_tokens(input_ids, attention_mask), self.vision_tokens(pixel_values))
+        text_states, vision = self.text_tokens(input_ids, attention_mask), self.vision_tokens(pixel_values)
+        counts = self.count_scores(text_states, attention_mask, vision)
+        t, i = self.enter(text_states, vision)
         text_bias = padding_bias(attention_mask, t.dtype)
         for layer in self.layers:
             t, i = layer(t, i, text_bias, None)
-        t, i, pooled = self.pool(t, i, attention_mask)
+        t, i, pooled = self.pool(t, i, attention_mask, None, counts)
         return TwoStreamOutput(text_hidden_state=t, image_hidden_state=i, pooler_output=pooled)
 
 

@@ -21,6 +21,7 @@ from models.demo.two_stream import (
     RELATION_PATH,
     TOWER_SETTINGS,
     TowerCache,
+    accept_loss,
     balanced_batches,
     count_loss,
     draw_tower_setting,
@@ -145,7 +146,7 @@ def test_the_count_stage_trains_the_count_path_and_nothing_else(tmp_path):
 
 def test_the_count_loss_weighs_the_density_error_and_the_attributes_of_cells_with_an_object():
     model = build_two_stream("two-stream-vqa-counting")
-    image = torch.randn(2, 65, 32)
+    image = torch.randn(2, 65, model.config.vision_config.hidden_size)  # vision tower tokens
     density, attributes = model.two_stream.counter.detections(image[:, 1:])
     labels = torch.stack([a.argmax(-1) for a in attributes], -1)
     labels[1] = -100  # the second image has no object: no attribute to learn there
@@ -157,6 +158,20 @@ def test_the_count_loss_weighs_the_density_error_and_the_attributes_of_cells_wit
     assert off == pytest.approx(cross_entropy + DENSITY_WEIGHT * 0.25, rel=1e-5)
     nothing = torch.full_like(labels, -100)
     assert count_loss(model, image, density + 0.5, nothing).item() == pytest.approx(DENSITY_WEIGHT * 0.25)
+
+
+def test_the_accept_loss_is_small_when_the_question_counts_exactly_the_objects_it_is_about():
+    model = build_two_stream("two-stream-vqa-counting")  # attributes of 3 and 2 values
+    last = model.two_stream.counter.accept[-1]
+    with torch.no_grad():  # whatever the question: the first colour, any shape
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([30.0, -30.0, -30.0, 30.0, 30.0]))
+    question = torch.randn(1, model.config.text_config.hidden_size)
+    objects = torch.tensor([[[0, 0], [0, 1], [1, 0], [-1, -1]]])  # three objects, then none
+    right = torch.tensor([[True, True, False, False]])
+    assert accept_loss(model, question, objects, right).item() < 1e-5
+    wrong = torch.tensor([[True, False, True, True]])  # the padding row does not count either way
+    assert accept_loss(model, question, objects, wrong).item() > 5
 
 
 def test_fusion_training_sees_every_tower_method_and_level_and_none_a_quarter_of_the_time():

@@ -347,6 +347,14 @@ def test_centre_density_gives_each_object_a_unit_mass_around_its_centre():
     corpus = scenes_corpus(split, grid=16)
     assert corpus.count_density.sum(axis=1) == pytest.approx([len(s.objects) for s in split.scenes])
     assert corpus.attribute_values == tuple(len(v) for v in ATTRIBUTES.values())
+    # each image's objects' attributes, and the objects each question is about
+    first = split.scenes[0].objects
+    assert (corpus.object_attributes[0, len(first) :] == -1).all()
+    assert corpus.object_attributes[0, 0].tolist() == [
+        ATTRIBUTES[k].index(getattr(first[0], k)) for k in ATTRIBUTES
+    ]
+    for q in range(len(split.questions)):
+        assert np.flatnonzero(corpus.question_objects[q]).tolist() == sorted(split.targets[q])
 
 
 def test_grounding_marks_the_cells_under_every_object_a_question_names():
