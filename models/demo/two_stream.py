@@ -58,18 +58,18 @@ SCHEDULES = {
     "two-stream-retrieval": Schedule(steps=500, batch=12, lr=3e-4),
     "dinov2-classify": Schedule(steps=400, batch=128, lr=2e-3),
 }
-# The scenes model in three stages: two grounded reads of the image, one per object a question
+# The scenes model in four stages: two grounded reads of the image, one per object a question
 # names ("two_hop": with one read by the mean-pooled question, relations and size comparisons
 # stayed at chance), then those reads told where they looked ("two_hop_placed", grown from the
-# first stage: with_placed_reads), then the relation path alone (train_relations).
-# docs/demo-models.md has the runs behind all three.
+# first stage: with_placed_reads), then the relation path alone (train_relations), then a count
+# path alone (with_counting, train_counting). docs/demo-models.md has the runs behind all four.
 RELATION_STEPS = 2400
 # What train_relations trains (the phrase scores, `relate` and the head) and the share of relation
 # questions in its batches.
 RELATION_PATH = ("two_stream.image_query.phrase_scores.", "two_stream.image_query.relate.", "classifier.")
 RELATION_SHARE = 0.25
 # The fourth stage (train_counting): the count path (modeling.ObjectCount) alone, on batches a
-# quarter counting questions, with count_loss on every step.
+# quarter counting questions, with counting_loss (train_vqa) on every step.
 COUNT_PATH = ("two_stream.counter.",)
 COUNT_SHARE = 0.25
 # count_loss: weight of the per-patch density error (the attributes' cross-entropy weighs 1)

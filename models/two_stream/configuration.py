@@ -31,8 +31,8 @@ class TwoStreamConfig(PretrainedConfig):
     and what the first read (modeling.TwoHopPool), or "two_hop_placed", the same two reads told
     where they looked (modeling.PlacedTwoHopPool).
     count_attributes: how many values each attribute of an object takes (e.g. colours, shapes, sizes)
-    for the count path (modeling.ObjectCount), which detects objects among the image tokens and
-    classifies each by these attributes; empty: the model has no count path.
+    for the count path (modeling.ObjectCount), which detects objects among the vision tower's
+    tokens and classifies each by these attributes; empty: the model has no count path.
     count_labels: the label ids of the answers 0, 1, 2, ... in order, which the count path scores.
     """
 
