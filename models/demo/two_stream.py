@@ -759,6 +759,15 @@ def train_from_two_hop(ctx: Context, two_hop, corpus: VQACorpus, tokenizer, cach
     return vqa
 
 
+def train_alone(
+    ctx: Context, model, corpus: VQACorpus, tokenizer, cache: TowerCache, name: str, path, shares
+):
+    """Train only the parameters under `path` (everything else frozen) under schedule `name`, on
+    batches with `shares` (balanced_batches), without grounding."""
+    with training_only(model, path):
+        return train_vqa(ctx, corpus, model, tokenizer, cache, False, name, shares, grounded_fraction=0.0)
+
+
 def train_relations(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: TowerCache):
     """Train only RELATION_PATH, on batches RELATION_SHARE relation questions, without grounding.
     After the placed stage the position map under the two reads answers most relation questions
@@ -766,35 +775,17 @@ def train_relations(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: To
     eighth of each batch, the relation path barely learns. Trained alone, with the rest of the
     model frozen, it does (56 -> 90 % of held-out relation questions, docs/demo-models.md); the
     other questions in its batches keep the shared head answering them."""
-    with training_only(model, RELATION_PATH):
-        return train_vqa(
-            ctx,
-            corpus,
-            model,
-            tokenizer,
-            cache,
-            False,
-            "two-stream-scenes-relations",
-            shares={("relation",): RELATION_SHARE},
-            grounded_fraction=0.0,
-        )
+    shares = {("relation",): RELATION_SHARE}
+    return train_alone(
+        ctx, model, corpus, tokenizer, cache, "two-stream-scenes-relations", RELATION_PATH, shares
+    )
 
 
 def train_counting(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: TowerCache):
     """Train only the count path (COUNT_PATH), on batches COUNT_SHARE counting questions, with
     the detector's count_loss and the count path's own answer loss on every step (train_vqa)."""
-    with training_only(model, COUNT_PATH):
-        return train_vqa(
-            ctx,
-            corpus,
-            model,
-            tokenizer,
-            cache,
-            False,
-            "two-stream-scenes-count",
-            shares={("count",): COUNT_SHARE},
-            grounded_fraction=0.0,
-        )
+    shares = {("count",): COUNT_SHARE}
+    return train_alone(ctx, model, corpus, tokenizer, cache, "two-stream-scenes-count", COUNT_PATH, shares)
 
 
 PHASES = (

@@ -111,7 +111,9 @@ def scenes(split: SceneSplit, grid: int | None = None) -> VQACorpus:
         by_object = np.stack(pairs) if pairs else np.zeros((0, 2, grid * grid), dtype=bool)
         maps = [centre_density(scene.objects, grid) for scene in split.scenes]
         density = np.stack([m[0] for m in maps]) if maps else np.zeros((0, grid * grid), np.float32)
-        attributes = np.stack([m[1] for m in maps]) if maps else np.zeros((0, grid * grid, 3), np.int64)
+        attributes = (
+            np.stack([m[1] for m in maps]) if maps else np.zeros((0, grid * grid, len(ATTRIBUTES)), np.int64)
+        )
     return VQACorpus(
         "scenes",
         split.images,

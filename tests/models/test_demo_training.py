@@ -86,11 +86,6 @@ def test_shared_forms_get_their_share_of_every_batch_on_top_of_the_balanced_draw
         next(balanced_batches(forms, 10, np.random.default_rng(0), {("nearest",): 0.5}))
 
 
-def test_the_relation_stage_trains_the_relation_path_and_nothing_else(tmp_path):
-    with torch.inference_mode(False), torch.enable_grad():  # the tests run in inference mode
-        check_the_relation_stage(tmp_path)
-
-
 def tiny_scenes_model(tmp_path):
     """A tiny two_hop_placed model answering the scenes set, the sample's training corpus, a
     tokenizer for it and a tower cache of random outputs."""
@@ -113,35 +108,38 @@ def tiny_scenes_model(tmp_path):
     return model, corpus, tokenizer, cache
 
 
-def check_the_relation_stage(tmp_path):
-    model, corpus, tokenizer, cache = tiny_scenes_model(tmp_path)
-    ctx = Context(
-        tmp_path, None, 0, 1.0, {"seconds": {}}, {"two-stream-scenes-relations": Schedule(3, 8, 1e-2)}
+def run_stage(tmp_path, model, corpus, tokenizer, cache, stage, name: str, steps: int) -> set[str]:
+    """Run a training stage a few steps on the tiny model; the parameters it changed. Also checks
+    that afterwards the same parameters train as before."""
+    ctx = Context(tmp_path, None, 0, 1.0, {"seconds": {}}, {name: Schedule(steps, 8, 1e-2)})
+    with torch.inference_mode(False), torch.enable_grad():  # the tests run in inference mode
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trained_before = {n for n, p in model.named_parameters() if p.requires_grad}
+        stage(ctx, model, corpus, tokenizer, cache)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained_before
+    return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+
+def test_the_relation_stage_trains_the_relation_path_and_nothing_else(tmp_path):
+    with torch.inference_mode(False):
+        model, corpus, tokenizer, cache = tiny_scenes_model(tmp_path)
+    changed = run_stage(
+        tmp_path, model, corpus, tokenizer, cache, train_relations, "two-stream-scenes-relations", 3
     )
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trained_before = {n for n, p in model.named_parameters() if p.requires_grad}
-    train_relations(ctx, model, corpus, tokenizer, cache)
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(RELATION_PATH) for n in changed)
     assert all(any(n.startswith(prefix) for n in changed) for prefix in RELATION_PATH)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained_before
 
 
 def test_the_count_stage_trains_the_count_path_and_nothing_else(tmp_path):
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False):
         model, corpus, tokenizer, cache = tiny_scenes_model(tmp_path)
         model = with_counting(model, corpus.attribute_values)
-        ctx = Context(
-            tmp_path, None, 0, 1.0, {"seconds": {}}, {"two-stream-scenes-count": Schedule(4, 8, 1e-2)}
-        )
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        trained_before = {n for n, p in model.named_parameters() if p.requires_grad}
-        train_counting(ctx, model, corpus, tokenizer, cache)
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = run_stage(
+        tmp_path, model, corpus, tokenizer, cache, train_counting, "two-stream-scenes-count", 4
+    )
     assert changed and all(n.startswith(COUNT_PATH) for n in changed)
     parts = ("detect", "accept", "scale")  # the detector (count_loss), which values count, how much
     assert all(any(n.startswith(f"two_stream.counter.{part}.") for n in changed) for part in parts)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained_before
 
 
 def test_the_count_loss_weighs_the_density_error_and_the_attributes_of_cells_with_an_object():
