@@ -510,8 +510,19 @@ def test_the_proxys_own_errors_become_the_apps_json_errors():
         # ... when no replica can take a request, and for a replica that died with it
         (convert_object_to_asgi_messages("no replicas", 503), 503, "unavailable", "1"),
         (convert_object_to_asgi_messages("Internal Server Error", 500), 500, "internal_error", None),
-        # a replica that died with the request: the proxy sends nothing at all
+        # a replica that died with the request: the proxy sends nothing at all ...
         ([], 503, "unavailable", "1"),
+        # ... or only the start of its answer, or part of its body
+        (convert_object_to_asgi_messages({"answer": "2"}, 200)[:1], 503, "unavailable", "1"),
+        (
+            [
+                {"type": "http.response.start", "status": 200, "headers": []},
+                {"type": "http.response.body", "body": b'{"ans', "more_body": True},
+            ],
+            503,
+            "unavailable",
+            "1",
+        ),
     ]
     for messages, status, code, retry_after in cases:
         start, body = run_asgi(JSONErrors, messages)
@@ -529,3 +540,9 @@ def test_the_proxys_own_errors_become_the_apps_json_errors():
     assert run_asgi(JSONErrors, own) == own
     ok = convert_object_to_asgi_messages("fine", 200)
     assert run_asgi(JSONErrors, ok) == ok
+    chunked = [
+        {"type": "http.response.start", "status": 200, "headers": []},
+        {"type": "http.response.body", "body": b"a", "more_body": True},
+        {"type": "http.response.body", "body": b"b", "more_body": False},
+    ]
+    assert run_asgi(JSONErrors, chunked) == chunked
