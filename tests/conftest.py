@@ -105,7 +105,7 @@ def build_vilt(kind: str, layers: int = 6) -> torch.nn.Module:
 
 # "-text-query" / "-two-hop" / "-two-hop-placed": the VQA model whose heads read the image by the
 # pooled text, once or twice, or twice knowing where the reads looked (image_pooling);
-# "-counting": the last with a count path (answers "0" to "3" are its labels 0-3)
+# "-counting": the last with a count path (answers "0" to "3" are its labels 0-3) and a read path
 TWO_STREAM_KINDS = [
     "two-stream",
     "two-stream-vqa",
@@ -132,7 +132,8 @@ def two_stream_config(
     counting: bool = False,
 ):
     """text_query_layers: tower layers with a question query (the `text-evit` method needs them).
-    counting: with a count path over two attributes of 3 and 2 values, scoring labels 0-3."""
+    counting: with a count path over two attributes of 3 and 2 values, scoring labels 0-3, and a
+    read path scoring the values' labels 4, 5, 6, 4 (two values, one answer) and none."""
     from models.two_stream import TwoStreamConfig
 
     vision = {
@@ -157,6 +158,7 @@ def two_stream_config(
         image_pooling=image_pooling,
         count_attributes=[3, 2] if counting else [],
         count_labels=[0, 1, 2, 3] if counting else [],
+        read_labels=[4, 5, 6, 4, -1] if counting else [],
     )
 
 

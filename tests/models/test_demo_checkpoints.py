@@ -152,6 +152,7 @@ def test_recipes_train_every_checkpoint_after_what_it_starts_from(tmp_path):
         "two-stream-scenes-placed",
         "two-stream-scenes-relations",
         "two-stream-scenes-count",
+        "two-stream-scenes-read",
         "two-stream-scenes-text-query",
     ]
     produced = [name for p in (*run, *on_scenes) for name in p.produces]

@@ -18,6 +18,7 @@ from models.demo.training import Context, Schedule, build_tokenizer, optimise, t
 from models.demo.two_stream import (
     COUNT_PATH,
     DENSITY_WEIGHT,
+    READ_PATH,
     RELATION_PATH,
     TOWER_SETTINGS,
     TowerCache,
@@ -29,14 +30,18 @@ from models.demo.two_stream import (
     fused_logits,
     grounding_loss,
     grounding_targets,
+    locate_loss,
     patch_centres,
     position_loss,
+    refer_loss,
     start_as_identity,
     train_counting,
+    train_reading,
     train_relations,
     unreduced_fusion,
     with_counting,
     with_placed_reads,
+    with_reading,
 )
 from models.demo.vqa_corpus import question_form, scenes
 from models.families.registry import reducible
@@ -140,6 +145,40 @@ def test_the_count_stage_trains_the_count_path_and_nothing_else(tmp_path):
     assert changed and all(n.startswith(COUNT_PATH) for n in changed)
     parts = ("detect", "accept", "scale")  # the detector (count_loss), which values count, how much
     assert all(any(n.startswith(f"two_stream.counter.{part}.") for n in changed) for part in parts)
+
+
+def test_the_read_stage_trains_the_read_path_and_nothing_else(tmp_path):
+    from models.demo.scenes.graph import ATTRIBUTES
+
+    with torch.inference_mode(False):
+        model, corpus, tokenizer, cache = tiny_scenes_model(tmp_path)
+        model = with_reading(with_counting(model, corpus.attribute_values), ATTRIBUTES.values())
+    changed = run_stage(tmp_path, model, corpus, tokenizer, cache, train_reading, "two-stream-scenes-read", 4)
+    assert changed and all(n.startswith(READ_PATH) for n in changed)
+    parts = ("refer", "locate", "weigh")  # which object is described (refer_loss), where, how much
+    assert all(any(n.startswith(f"two_stream.reader.{part}.") for n in changed) for part in parts)
+
+
+def test_the_refer_loss_is_small_when_the_description_takes_exactly_the_objects_it_names():
+    model = build_two_stream("two-stream-vqa-counting")  # attributes of 3 and 2 values
+    last = model.two_stream.reader.refer[-1]
+    with torch.no_grad():  # whatever the question: the second colour, the first shape
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([-30.0, 30.0, -30.0, 30.0, -30.0]))
+    question = torch.randn(1, model.config.text_config.hidden_size)
+    objects = torch.tensor([[[0, 0], [1, 0], [1, 1], [-1, -1]]])
+    assert refer_loss(model, question, objects, torch.tensor([[False, True, False, False]])).item() < 1e-5
+    assert refer_loss(model, question, objects, torch.tensor([[True, False, False, True]])).item() > 5
+
+
+def test_the_locate_loss_is_the_distance_from_each_patch_token_to_its_patch_centre():
+    model = build_two_stream("two-stream-vqa-counting")
+    locate = model.two_stream.reader.locate
+    tower = torch.randn(2, 65, model.config.vision_config.hidden_size)  # [CLS] + 8 x 8 patches
+    with torch.no_grad():  # a locate that puts every token at the image centre
+        locate[-1].weight.zero_()
+        locate[-1].bias.zero_()
+    assert locate_loss(model, tower).item() == pytest.approx(patch_centres(8).abs().mean().item(), rel=1e-5)
 
 
 def test_the_count_loss_weighs_the_density_error_and_the_attributes_of_cells_with_an_object():
@@ -339,6 +378,33 @@ def test_a_model_grown_a_count_path_answers_as_it_did(level, method):
     assert not any(n.startswith(("two_stream.vision.", "two_stream.text.")) for n in trainable)
     with pytest.raises(ValueError, match="already has a count path"):
         with_counting(grown, (3, 2))
+
+
+@pytest.mark.parametrize(
+    ("level", "method"), [("none", None), ("high", "pumer"), ("medium", "tome"), ("high", "evit")]
+)
+def test_a_model_grown_a_read_path_answers_as_it_did(level, method):
+    placed = build_two_stream("two-stream-vqa-two-hop-placed")
+    answers = ["yes", "no", "0", "1", "2", "red", "circle"]
+    placed.config.id2label = dict(enumerate(answers))
+    placed.config.label2id = {a: i for i, a in enumerate(answers)}
+    counting = with_counting(placed, (3, 2)).eval()
+    grown = with_reading(counting, [("red", "green", "blue"), ("circle", "star")]).eval()
+    assert grown.config.read_labels == [5, -1, -1, 6, -1]
+    inputs = vilt_inputs()
+    ids, px, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
+    before, after = reducible(counting), reducible(grown)
+    plan = named_plan(before, level, method)
+    assert torch.equal(after(ids, px, mask, plan=plan).logits, before(ids, px, mask, plan=plan).logits)
+    trainable = {n for n, p in grown.named_parameters() if p.requires_grad}
+    assert {"two_stream.reader.locate.1.weight", "two_stream.reader.weigh.weight"} <= trainable
+    assert not any(n.startswith(("two_stream.vision.", "two_stream.text.")) for n in trainable)
+    with pytest.raises(ValueError, match="without a read path"):
+        with_reading(grown, [("red", "green", "blue"), ("circle", "star")])
+    with pytest.raises(ValueError, match="with a count path"):
+        with_reading(placed, [("red", "green", "blue"), ("circle", "star")])
+    with pytest.raises(ValueError, match="attribute values"):
+        with_reading(counting, [("red", "green"), ("circle", "star")])
 
 
 def test_a_model_without_number_answers_grows_no_count_path():

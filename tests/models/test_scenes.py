@@ -353,8 +353,14 @@ def test_centre_density_gives_each_object_a_unit_mass_around_its_centre():
     assert corpus.object_attributes[0, 0].tolist() == [
         ATTRIBUTES[k].index(getattr(first[0], k)) for k in ATTRIBUTES
     ]
+    # ... and those its first description names: of two objects, the first-named
     for q in range(len(split.questions)):
         assert np.flatnonzero(corpus.question_objects[q]).tolist() == sorted(split.targets[q])
+        named = (
+            split.targets[q][:1] if split.types[q] in ("relation", "nearest", "compare") else split.targets[q]
+        )
+        assert np.flatnonzero(corpus.question_referents[q]).tolist() == sorted(named)
+    assert {"nearest", "count"} <= set(split.types)
 
 
 def test_grounding_marks_the_cells_under_every_object_a_question_names():

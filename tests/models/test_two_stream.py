@@ -12,7 +12,7 @@ from models import NO_REDUCTION, LayerSpec, ReductionPlan, reducible
 from models.levels import named_plan, resolve
 from models.loading import load_model
 from models.plan import LEVELS
-from models.two_stream.modeling import counted
+from models.two_stream.modeling import counted, read_objects
 
 TOL = 1e-5
 
@@ -316,9 +316,54 @@ def test_the_count_path_scores_only_the_number_answers():
     assert torch.equal(before[:, others], after[:, others])
     assert not torch.allclose(before[:, numbers], after[:, numbers])
     # the scores are -scale (n - count)^2: their differences between answers are quadratic in n
-    scores = model.two_stream(ids, px, mask).pooler_output[:, -len(numbers) :]
+    reads = len(model.config.read_labels)
+    scores = model.two_stream(ids, px, mask).pooler_output[:, -len(numbers) - reads : -reads]
     second = scores[:, 2:] - 2 * scores[:, 1:-1] + scores[:, :-2]
     assert torch.allclose(second, second[:, :1].expand_as(second), atol=1e-4)
+
+
+def test_the_read_path_reads_the_described_object_and_the_one_nearest_to_it():
+    # tokens in a row: the described object at 0, background at 0.2, objects at 0.5 and 1.0
+    where = torch.tensor([[[0.0, 0.0], [0.2, 0.0], [0.5, 0.0], [1.0, 0.0]]])
+    density = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    described = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    colour = torch.eye(4)[None, :, :3].clone()  # token k's object has colour k (background: none)
+    colour[0, 1] = 1 / 3
+    own, nearest = read_objects(density, [colour], described, where)
+    assert torch.allclose(own[0], torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-4)
+    assert torch.allclose(nearest[0], torch.tensor([[0.0, 0.0, 1.0]]), atol=0.01)
+    # the object at 0.5 moved past the one at 1.0: that one is the nearest now
+    far = where.clone()
+    far[0, 2, 0] = 1.6
+    assert torch.allclose(
+        read_objects(density, [colour], described, far)[1][0], torch.tensor([[0, 0, 0.0]]), atol=0.01
+    )
+    assert read_objects(density, [torch.eye(4)[None]], described, far)[1][0][0, 3] > 0.98
+    # described elsewhere: the object at 1.0 is described, the one at 0.5 is nearest to it
+    other = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    own, nearest = read_objects(density, [torch.eye(4)[None]], other, where)
+    assert own[0][0, 3] > 0.98 and nearest[0][0, 2] > 0.98
+
+
+def test_the_read_path_scores_only_the_attribute_values_answers():
+    model = build_two_stream("two-stream-vqa-counting")  # values' labels 4, 5, 6, 4 and none
+    ids, px, mask = inputs()
+    reader = model.two_stream.reader
+    with torch.no_grad():
+        reader.weigh.bias.add_(1.0)
+        out = model(ids, px, mask)
+        scores = out.pooler_output[:, -5:]  # the five values' scores
+        reader.weigh.weight.zero_()
+        reader.weigh.bias.zero_()
+        silent = model(ids, px, mask).logits
+        reader.refer[-1].bias.add_(3.0)  # what the question describes matters only through weigh
+        assert torch.equal(model(ids, px, mask).logits, silent)
+    assert torch.equal(out.logits[:, :4], silent[:, :4])  # the number answers' logits
+    added = out.logits - silent
+    # label 4 gets the first and the fourth value's scores; the fifth value is no answer
+    assert torch.allclose(added[:, 4], scores[:, 0] + scores[:, 3], atol=1e-5)
+    assert torch.allclose(added[:, 5:], scores[:, 1:3], atol=1e-5)
+    assert (scores[:, :4].abs() > 1e-3).all()
 
 
 def test_a_count_path_needs_its_labels_and_attributes_together():
@@ -327,3 +372,6 @@ def test_a_count_path_needs_its_labels_and_attributes_together():
     config = two_stream_config()
     with pytest.raises(ValueError, match="go together"):
         type(config)(**{**config.to_dict(), "count_attributes": [3]})
+    counting = two_stream_config(counting=True)
+    with pytest.raises(ValueError, match="read path needs a count path"):
+        type(counting)(**{**counting.to_dict(), "read_labels": [4, 5]})
