@@ -632,8 +632,10 @@ def train_vqa(
     def reading_loss(model, ids, mask, tower, rows: np.ndarray) -> torch.Tensor:
         """locate_loss on the rows' unreduced tokens; refer_loss on every row; on the rows
         answered by an attribute value, the cross-entropy of the read path's own scores of that
-        attribute's values (so `weigh` learns which object and attribute a question asks for
-        without waiting for the head's logits to move)."""
+        attribute's values, through `weigh` alone (so it learns which object and attribute a
+        question asks for without waiting for the head's logits to move; let through to `refer`
+        and `locate` too, it taught them to describe the answer's object instead: the read path
+        then found the nearest object in 31 % of the validation "nearest" questions)."""
         images = torch.from_numpy(train.question_image[rows])
         with torch.no_grad():
             text_states = model.two_stream.text_tokens(ids, mask)
@@ -643,10 +645,10 @@ def train_vqa(
         asked = value_of[y[rows]]
         on = asked >= 0
         if on.any():
-            tokens = tower[on][:, 1:]
-            scores = model.two_stream.reader(
-                question[on], tokens, *model.two_stream.counter.detections(tokens)
-            )
+            tokens, reader = tower[on][:, 1:], model.two_stream.reader
+            with torch.no_grad():
+                read = reader.reads(question[on], tokens, *model.two_stream.counter.detections(tokens))
+            scores = reader.scores(question[on], *read)
             for k, (start, size) in enumerate(zip(starts, groups, strict=True)):
                 rows_k = group_of[asked[on]] == k
                 if rows_k.any():

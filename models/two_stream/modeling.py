@@ -351,15 +351,22 @@ class ObjectRead(nn.Module):
         value, (B, values)."""
         return torch.sigmoid(self.refer(question)).split(self.groups, dim=-1)
 
-    def forward(self, question, tokens, density, attributes) -> torch.Tensor:
+    def reads(self, question, tokens, density, attributes) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """question (B, text width) the pooled question, tokens (B, N, vision width) the vision
         tower's ([CLS] left out), density and attributes (logits) the count path's detections of
-        them -> the attribute values' scores (B, sum(count_attributes))."""
+        them -> read_objects' output: the described and the nearest object's value probabilities."""
         probs = [logits.softmax(-1) for logits in attributes]
         described = torch.ones_like(density)
         for p, refer in zip(probs, self.refers(question), strict=True):
             described = described * (p @ refer.unsqueeze(-1)).squeeze(-1)
-        own, nearest = read_objects(density, probs, described, self.locate(tokens))
+        return read_objects(density, probs, described, self.locate(tokens))
+
+    def forward(self, question, tokens, density, attributes) -> torch.Tensor:
+        """-> the attribute values' scores (B, sum(count_attributes)); see `reads`."""
+        return self.scores(question, *self.reads(question, tokens, density, attributes))
+
+    def scores(self, question: torch.Tensor, own, nearest) -> torch.Tensor:
+        """`weigh`'s weights times the log-probabilities `reads` gave."""
         weights = self.weigh(question).view(-1, 2, len(self.groups))
         scores = [
             weights[:, 0, k : k + 1] * a.clamp_min(1e-6).log()
