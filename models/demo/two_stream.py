@@ -892,8 +892,8 @@ def train_counting(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: Tow
 
 def train_reading(ctx: Context, model, corpus: VQACorpus, tokenizer, cache: TowerCache):
     """Train only the read path (READ_PATH), on batches READ_SHARE "nearest" questions, with
-    locate_loss and refer_loss on every step (train_vqa); the count path's detector, which it
-    reads, stays as trained."""
+    reading_loss on every step (train_vqa: locate_loss, refer_loss, the read path's own scores);
+    the count path's detector, which it reads, stays as trained."""
     shares = {("nearest",): READ_SHARE}
     return train_alone(ctx, model, corpus, tokenizer, cache, "two-stream-scenes-read", READ_PATH, shares)
 

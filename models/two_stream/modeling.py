@@ -325,11 +325,12 @@ class ObjectRead(nn.Module):
     is the star?" and "what shape is the object nearest to the red circle?". `refer` reads from
     the pooled question which values each attribute of the object it describes takes (sigmoids,
     as the count path's `accept`), `locate` each vision tower token's position (from its feature,
-    so it holds for pruned and merged tokens alike), and read_objects the value probabilities of
-    the described object and of the one nearest to it; `weigh` sets from the question how much
-    each (object, attribute) pair adds, as its weight times the log-probability, to the answer of
-    each value (zero at growth: models/demo/two_stream.with_reading). The two fusion reads found
-    the nearest object in under half of the validation "nearest" questions (docs/demo-models.md)."""
+    so pruned and merged tokens get one without every method carrying positions), and
+    read_objects the value probabilities of the described object and of the one nearest to it;
+    `weigh` sets from the question how much each (object, attribute) pair adds, as its weight
+    times the log-probability, to the answer of each value (zero at growth:
+    models/demo/two_stream.with_reading). The two fusion reads found the nearest object in under
+    half of the validation "nearest" questions (docs/demo-models.md)."""
 
     def __init__(self, config: TwoStreamConfig):
         super().__init__()
