@@ -214,14 +214,7 @@ def with_counting(model: TwoStreamForQuestionAnswering, attribute_values: Sequen
         raise ValueError("the model has no number answers (labels 0, 1, ...) to count with")
     config = copy.deepcopy(model.config)
     config.count_attributes, config.count_labels = list(attribute_values), numbers
-    grown = TwoStreamForQuestionAnswering(config)
-    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not name.startswith(COUNT_PATH) for name in missing):
-        raise ValueError(f"unexpected weights {unexpected} or missing {missing} outside the count path")
-    torch.nn.init.zeros_(grown.two_stream.counter.scale.weight)
-    torch.nn.init.zeros_(grown.two_stream.counter.scale.bias)
-    freeze_towers(grown)
-    return grown.to(model.dtype)
+    return grown_path(model, config, COUNT_PATH, "two_stream.counter.scale")
 
 
 def with_reading(model: TwoStreamForQuestionAnswering, values: Sequence[Sequence[str]]):
@@ -238,12 +231,19 @@ def with_reading(model: TwoStreamForQuestionAnswering, values: Sequence[Sequence
         )
     config = copy.deepcopy(config)
     config.read_labels = [config.label2id.get(value, -1) for group in values for value in group]
+    return grown_path(model, config, READ_PATH, "two_stream.reader.weigh")
+
+
+def grown_path(model, config, path: tuple[str, ...], silent: str) -> TwoStreamForQuestionAnswering:
+    """`model` rebuilt under `config`, which adds the parameters under `path`: every weight of
+    `model` copied, the new Linear `silent` (what the new path adds to the answers by) zeroed, the
+    towers frozen."""
     grown = TwoStreamForQuestionAnswering(config)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not name.startswith(READ_PATH) for name in missing):
-        raise ValueError(f"unexpected weights {unexpected} or missing {missing} outside the read path")
-    torch.nn.init.zeros_(grown.two_stream.reader.weigh.weight)
-    torch.nn.init.zeros_(grown.two_stream.reader.weigh.bias)
+    if unexpected or any(not name.startswith(path) for name in missing):
+        raise ValueError(f"unexpected weights {unexpected} or missing {missing} outside {path}")
+    torch.nn.init.zeros_(grown.get_submodule(silent).weight)
+    torch.nn.init.zeros_(grown.get_submodule(silent).bias)
     freeze_towers(grown)
     return grown.to(model.dtype)
 

@@ -223,6 +223,18 @@ def counted(
     return kept.sum(dim=1)
 
 
+def token_mlp(width: int, hidden: int, out: int, eps: float) -> nn.Sequential:
+    """What the object paths run on each vision tower token: a norm, then three layers."""
+    return nn.Sequential(
+        nn.LayerNorm(width, eps=eps),
+        nn.Linear(width, hidden),
+        nn.GELU(),
+        nn.Linear(hidden, hidden),
+        nn.GELU(),
+        nn.Linear(hidden, out),
+    )
+
+
 class ObjectCount(nn.Module):
     """The count path (config.count_attributes): "how many red circles are there?" answered by
     detection, beside the fusion layers, from the two towers' outputs. `detect` maps each vision
@@ -240,14 +252,7 @@ class ObjectCount(nn.Module):
         super().__init__()
         d, self.groups = config.hidden_size, list(config.count_attributes)
         vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
-        self.detect = nn.Sequential(
-            nn.LayerNorm(vision, eps=config.layer_norm_eps),
-            nn.Linear(vision, d),
-            nn.GELU(),
-            nn.Linear(d, d),
-            nn.GELU(),
-            nn.Linear(d, 1 + sum(self.groups)),
-        )
+        self.detect = token_mlp(vision, d, 1 + sum(self.groups), config.layer_norm_eps)
         self.accept = nn.Sequential(nn.Linear(text, d), nn.GELU(), nn.Linear(d, sum(self.groups)))
         self.scale = nn.Linear(text, 1)
         self.numbers = len(config.count_labels)
@@ -263,20 +268,16 @@ class ObjectCount(nn.Module):
         counts each value, (B, values)."""
         return torch.sigmoid(self.accept(question)).split(self.groups, dim=-1)
 
-    def count(self, question: torch.Tensor, tower: torch.Tensor) -> torch.Tensor:
-        """question (B, text width) the text tower's pooled output, tower (B, N, vision width) the
-        vision tower's tokens, [CLS] first -> how many objects the question counts (B,)."""
-        density, attributes = self.detections(tower[:, 1:])
-        return counted(density, attributes, self.accepts(question))
-
     def scores(self, question: torch.Tensor, density: torch.Tensor, attributes) -> torch.Tensor:
-        """The number answers' scores (B, len(count_labels)) from `detections`' output."""
+        """The number answers' scores (B, len(count_labels)) from `detections`' output:
+        -scale (n - count)^2, count the `counted` objects."""
         count = counted(density, attributes, self.accepts(question))
         numbers = torch.arange(self.numbers, device=count.device, dtype=count.dtype)
         return -self.scale(question) * (numbers - count.unsqueeze(-1)).pow(2)
 
     def forward(self, question: torch.Tensor, tower: torch.Tensor) -> torch.Tensor:
-        """-> the number answers' scores (B, len(count_labels)); see `count`."""
+        """question (B, text width) the text tower's pooled output, tower (B, N, vision width) the
+        vision tower's tokens, [CLS] first -> the number answers' scores (B, len(count_labels))."""
         return self.scores(question, *self.detections(tower[:, 1:]))
 
 
@@ -337,14 +338,7 @@ class ObjectRead(nn.Module):
         d, self.groups = config.hidden_size, list(config.count_attributes)
         vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
         self.refer = nn.Sequential(nn.Linear(text, d), nn.GELU(), nn.Linear(d, sum(self.groups)))
-        self.locate = nn.Sequential(
-            nn.LayerNorm(vision, eps=config.layer_norm_eps),
-            nn.Linear(vision, d),
-            nn.GELU(),
-            nn.Linear(d, d),
-            nn.GELU(),
-            nn.Linear(d, 2),
-        )
+        self.locate = token_mlp(vision, d, 2, config.layer_norm_eps)
         self.weigh = nn.Linear(text, 2 * len(self.groups))
 
     def refers(self, question: torch.Tensor) -> tuple[torch.Tensor, ...]:

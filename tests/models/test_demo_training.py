@@ -361,6 +361,19 @@ def test_a_two_hop_model_grown_into_placed_reads_answers_as_it_did(level, method
     assert not any(n.startswith(("two_stream.vision.", "two_stream.text.")) for n in trainable)
 
 
+def assert_grown_answers_as_before(model, grown, level: str, method: str | None, new: set[str]) -> None:
+    """`grown` answers exactly as `model` under the method at the level; the `new` parameters
+    train, the towers do not."""
+    inputs = vilt_inputs()
+    ids, px, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
+    before, after = reducible(model), reducible(grown)
+    plan = named_plan(before, level, method)
+    assert torch.equal(after(ids, px, mask, plan=plan).logits, before(ids, px, mask, plan=plan).logits)
+    trainable = {n for n, p in grown.named_parameters() if p.requires_grad}
+    assert new <= trainable
+    assert not any(n.startswith(("two_stream.vision.", "two_stream.text.")) for n in trainable)
+
+
 @pytest.mark.parametrize(("level", "method"), [("none", None), ("high", "pumer"), ("medium", "tome")])
 def test_a_model_grown_a_count_path_answers_as_it_did(level, method):
     placed = build_two_stream("two-stream-vqa-two-hop-placed")
@@ -368,14 +381,8 @@ def test_a_model_grown_a_count_path_answers_as_it_did(level, method):
     placed.config.label2id = {a: i for i, a in placed.config.id2label.items()}
     grown = with_counting(placed, (3, 2)).eval()
     assert grown.config.count_labels == [2, 3, 4] and grown.config.count_attributes == [3, 2]
-    inputs = vilt_inputs()
-    ids, px, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
-    before, after = reducible(placed), reducible(grown)
-    plan = named_plan(before, level, method)
-    assert torch.equal(after(ids, px, mask, plan=plan).logits, before(ids, px, mask, plan=plan).logits)
-    trainable = {n for n, p in grown.named_parameters() if p.requires_grad}
-    assert {"two_stream.counter.detect.0.weight", "two_stream.counter.scale.weight"} <= trainable
-    assert not any(n.startswith(("two_stream.vision.", "two_stream.text.")) for n in trainable)
+    new = {"two_stream.counter.detect.0.weight", "two_stream.counter.scale.weight"}
+    assert_grown_answers_as_before(placed, grown, level, method, new)
     with pytest.raises(ValueError, match="already has a count path"):
         with_counting(grown, (3, 2))
 
@@ -391,14 +398,8 @@ def test_a_model_grown_a_read_path_answers_as_it_did(level, method):
     counting = with_counting(placed, (3, 2)).eval()
     grown = with_reading(counting, [("red", "green", "blue"), ("circle", "star")]).eval()
     assert grown.config.read_labels == [5, -1, -1, 6, -1]
-    inputs = vilt_inputs()
-    ids, px, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
-    before, after = reducible(counting), reducible(grown)
-    plan = named_plan(before, level, method)
-    assert torch.equal(after(ids, px, mask, plan=plan).logits, before(ids, px, mask, plan=plan).logits)
-    trainable = {n for n, p in grown.named_parameters() if p.requires_grad}
-    assert {"two_stream.reader.locate.1.weight", "two_stream.reader.weigh.weight"} <= trainable
-    assert not any(n.startswith(("two_stream.vision.", "two_stream.text.")) for n in trainable)
+    new = {"two_stream.reader.locate.1.weight", "two_stream.reader.weigh.weight"}
+    assert_grown_answers_as_before(counting, grown, level, method, new)
     with pytest.raises(ValueError, match="without a read path"):
         with_reading(grown, [("red", "green", "blue"), ("circle", "star")])
     with pytest.raises(ValueError, match="with a count path"):
